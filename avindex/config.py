@@ -1,0 +1,142 @@
+"""Frozen dataclass configs: the single source of defaults for every stage; the CLI only maps flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """Audio front end: mono at `sample_rate`, one clip = `clip_seconds`, log-magnitude spectrogram."""
+
+    sample_rate: int = 48_000
+    clip_seconds: float = 1.0
+    n_fft: int = 512
+    window_length: int = 480  # 10 ms at 48 kHz (paper)
+    window_step: int = 240  # half overlap (paper)
+    db_cutoff: float = -100.0  # floor of the log spectrogram, dB re amplitude 1.0
+
+    @property
+    def n_samples(self) -> int:
+        """Samples in one clip."""
+        return round(self.sample_rate * self.clip_seconds)
+
+    @property
+    def n_freq(self) -> int:
+        """Frequency bins of the spectrogram (257 at the paper's settings)."""
+        return self.n_fft // 2 + 1
+
+    @property
+    def n_frames(self) -> int:
+        """Time frames of the spectrogram without centred windows (199 at the paper's settings)."""
+        return (self.n_samples - self.window_length) // self.window_step + 1
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    """Frame preprocessing: scale the shorter side to `resize_shorter`, crop `crop` x `crop`."""
+
+    resize_shorter: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """L3-Net shape: tower width multiplier, head, projection size and spectrogram pooling."""
+
+    width: float = 1.0  # channel multiplier; 1.0 = paper (64/128/256/512)
+    head: str = "contrastive"  # l3 | ave | contrastive
+    embed_dim: int = 128  # projection size of the aligned heads
+    spec_pool: int = 1  # average-pool the spectrogram by this factor before the audio tower
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training loop settings (Adam at the paper's 1e-4 by default)."""
+
+    batch_size: int = 64
+    lr: float = 1e-4
+    max_steps: int = 20_000
+    time_limit: float | None = None  # seconds; stop cleanly with a checkpoint
+    checkpoint_every: int = 500
+    val_every: int = 250
+    val_fraction: float = 0.2
+    seed: int = 0
+    volume_jitter: float = 0.1  # +/-10% (paper)
+    brightness_jitter: float = 0.2
+    saturation_jitter: float = 0.2
+    moments_per_video: int = 8  # random moments decoded per video visit (one sequential pass)
+    shuffle_buffer: int = 512
+    decode_workers: int = 2
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Bulk embedding: clip hop, batching, background decoding and shard flushing."""
+
+    hop: float = 1.0
+    batch_size: int = 64
+    device: str = "auto"
+    decode_workers: int = 2
+    decode_threads: int = 1  # FFmpeg threads per decoder
+    prefetch_batches: int = 4
+    shard_clips: int = 16_384  # flush a shard once it holds this many clips...
+    shard_seconds: float = 60.0  # ...or this long after its first video, to bound lost work
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """faiss index building: factory choice, memory budget, streaming and recall check."""
+
+    factory: str = "auto"
+    max_memory: int = 4 << 30  # bytes the index may use
+    device: str = "auto"
+    block_rows: int = 65_536
+    train_sample: int = 100_000
+    recall_queries: int = 500
+    recall_k: int = 10
+    exact_limit: int = 50_000  # Flat (exact) up to this many vectors
+    seed: int = 0
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Dataclass config -> plain dict (for JSON, HDF5 attributes and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a config from a dict, ignoring unknown keys (older/newer files) and restoring tuples."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+    return cls(**kwargs)
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """Copy of a config with the given fields changed; None values mean 'keep the default'."""
+    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+
+
+# Narrow CPU preset used by tests and the demo: 112 px frames, 2x pooled spectrogram (DESIGN.md).
+SMALL_VIDEO = VideoConfig(resize_shorter=128, crop=112)
+SMALL_MODEL = ModelConfig(width=0.125, spec_pool=2)
+
+__all__ = [
+    "SMALL_MODEL",
+    "SMALL_VIDEO",
+    "AudioConfig",
+    "EmbedConfig",
+    "IndexConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "VideoConfig",
+    "from_dict",
+    "replace",
+    "to_dict",
+]
