@@ -1,0 +1,248 @@
+"""Sharded HDF5 store: round trip, id mapping, crash safety, concurrent writers, model checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from avindex.errors import AvindexError
+from avindex.store import (
+    ClipRef,
+    Store,
+    StoreMeta,
+    StoreWriter,
+    VideoRecord,
+    _host_tag,
+    clear_tmp,
+)
+
+DIM = 8
+
+
+def make_meta(sha: str = "abc123", dim: int = DIM) -> StoreMeta:
+    """A small store meta for tests."""
+    return StoreMeta(
+        model_sha256=sha,
+        visual_dim=dim,
+        audio_dim=dim,
+        hop=1.0,
+        model_config={"width": 0.125, "head": "contrastive"},
+        embed_config={"hop": 1.0},
+    )
+
+
+def fake_video(i: int, n: int, dim: int = DIM, seed: int = 0):
+    """(record, visual, audio, has_audio, t0) of a made-up video with n clips."""
+    rng = np.random.default_rng(seed * 100_003 + i)
+    record = VideoRecord(path=f"/videos/v{i:04d}.mp4", size=1000 + i, mtime=1.5e9 + i, duration=n)
+    visual = rng.standard_normal((n, dim)).astype(np.float32)
+    audio = rng.standard_normal((n, dim)).astype(np.float32)
+    has_audio = (np.arange(n) + i) % 3 != 0
+    t0 = np.arange(n, dtype=np.float64)
+    return record, visual, audio, has_audio, t0
+
+
+def test_round_trip_and_id_mapping(tmp_path: Path) -> None:
+    videos = [fake_video(i, n) for i, n in enumerate([5, 0, 7, 3, 11])]
+    with StoreWriter(tmp_path, make_meta(), shard_clips=10) as writer:
+        for i, video in enumerate(videos):
+            if i == 1:
+                writer.add_failure(video[0], "shorter than one clip")
+            else:
+                writer.add_video(*video)
+    store = Store(tmp_path)
+    assert store.meta == make_meta()
+    assert len(store.shards) >= 2  # shard_clips=10 forced more than one shard
+    ok = [v for i, v in enumerate(videos) if i != 1]
+    assert store.num_clips == sum(len(v[4]) for v in ok)
+
+    # Ids follow shard order, shards follow writing order: concatenation is the write order.
+    all_visual = np.concatenate([v[1] for v in ok])
+    ids, vecs = map(np.concatenate, zip(*store.iter_blocks("visual", block_rows=4), strict=True))
+    np.testing.assert_array_equal(ids, np.arange(store.num_clips))
+    # float16 storage: relative error <= 2^-11 per value.
+    np.testing.assert_allclose(vecs, all_visual, rtol=1e-3, atol=1e-3)
+
+    expected_refs = [(v[0].path, float(t)) for v in ok for t in v[4]]
+    refs = store.clips(np.arange(store.num_clips))
+    assert [(r.path, r.t0) for r in refs] == expected_refs
+    assert isinstance(store.clip(3), ClipRef)
+    assert store.clip(3).path == expected_refs[3][0]
+
+    pick = np.array([7, 2, 7, 20])
+    np.testing.assert_allclose(
+        store.vectors(pick, "audio"), np.concatenate([v[2] for v in ok])[pick], rtol=1e-3, atol=1e-3
+    )
+
+    table = store.videos()
+    assert len(table) == 5
+    failed = table[videos[1][0].key]
+    assert (failed.status, failed.error, failed.n_clips) == ("failed", "shorter than one clip", 0)
+    assert table[videos[4][0].key].n_clips == 11
+
+
+def test_audio_blocks_skip_clips_without_audio(tmp_path: Path) -> None:
+    videos = [fake_video(i, 6) for i in range(4)]
+    with StoreWriter(tmp_path, make_meta()) as writer:
+        for video in videos:
+            writer.add_video(*video)
+    store = Store(tmp_path)
+    has_audio = np.concatenate([v[3] for v in videos])
+    ids = np.concatenate([b[0] for b in store.iter_blocks("audio", block_rows=5)])
+    np.testing.assert_array_equal(ids, np.nonzero(has_audio)[0])
+    assert store.count("audio") == int(has_audio.sum())
+    assert [c.has_audio for c in store.clips(np.arange(24))] == has_audio.tolist()
+
+
+def test_block_iteration_equals_full_read(tmp_path: Path) -> None:
+    with StoreWriter(tmp_path, make_meta(), shard_clips=50) as writer:
+        for i in range(12):
+            writer.add_video(*fake_video(i, 17))
+    store = Store(tmp_path)
+    blocks = list(store.iter_blocks("visual", block_rows=13))
+    assert max(len(ids) for ids, _ in blocks) <= 13
+    full = np.concatenate([b[1] for b in blocks])
+    np.testing.assert_array_equal(full, store.vectors(np.arange(store.num_clips), "visual"))
+
+
+def test_out_of_range_clip_is_user_error(tmp_path: Path) -> None:
+    with StoreWriter(tmp_path, make_meta()) as writer:
+        writer.add_video(*fake_video(0, 3))
+    with pytest.raises(AvindexError, match="out of range"):
+        Store(tmp_path).clip(3)
+
+
+def test_incompatible_model_is_refused(tmp_path: Path) -> None:
+    with StoreWriter(tmp_path, make_meta("aaa")) as writer:
+        writer.add_video(*fake_video(0, 3))
+    with pytest.raises(AvindexError, match="another model"):
+        StoreWriter(tmp_path, make_meta("bbb"))
+    # A shard copied in from elsewhere is caught by the reader too.
+    other = tmp_path / "other"
+    with StoreWriter(other, make_meta("bbb")) as writer:
+        writer.add_video(*fake_video(1, 3))
+    for shard in other.glob("shard-*.h5"):
+        os.replace(shard, tmp_path / shard.name)
+    with pytest.raises(AvindexError, match="model_sha256"):
+        Store(tmp_path)
+
+
+def test_leftover_tmp_and_unreadable_shard_are_not_visible(tmp_path: Path) -> None:
+    with StoreWriter(tmp_path, make_meta()) as writer:
+        writer.add_video(*fake_video(0, 4))
+    # A writer that died mid-write on this host: its pid no longer exists.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tmp = tmp_path / f"shard-{time.time_ns():020d}-{_host_tag()}-{dead.pid}-deadbeef.h5.tmp"
+    tmp.write_bytes(b"half a shard")
+    # A .tmp of a live writer (this process) must survive clear_tmp.
+    live = tmp_path / f"shard-{time.time_ns():020d}-{_host_tag()}-{os.getpid()}-cafef00d.h5.tmp"
+    live.write_bytes(b"being written")
+    (tmp_path / "shard-99999999999999999999-x-1-00000000.h5").write_bytes(b"garbage")
+    store = Store(tmp_path)
+    assert store.num_clips == 4
+    assert len(store.warnings) == 1 and "unreadable" in store.warnings[0]
+    assert clear_tmp(tmp_path) == [tmp.name]
+    assert live.exists() and not tmp.exists()
+
+
+WRITER_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path[:0] = [{tests!r}, {root!r}]
+    from test_store import fake_video, make_meta
+    from avindex.store import Store, StoreWriter
+    done = {{e.key for e in Store({store!r}).videos().values()}} if {resume} else set()
+    with StoreWriter({store!r}, make_meta(), shard_clips=40) as writer:
+        for i in range({start}, {stop}):
+            video = fake_video(i, 7 + i % 5)
+            if video[0].key in done:
+                continue
+            writer.add_video(*video)
+            print(i, flush=True)
+    """
+)
+
+
+def _writer(store: Path, start: int, stop: int, resume: bool = False) -> subprocess.Popen:
+    code = WRITER_SCRIPT.format(
+        tests=str(Path(__file__).parent),
+        root=str(Path(__file__).parent.parent),
+        store=str(store),
+        start=start,
+        stop=stop,
+        resume=resume,
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def _expected_rows(stop: int) -> list[tuple[str, float]]:
+    return [(fake_video(i, 1)[0].path, float(t)) for i in range(stop) for t in range(7 + i % 5)]
+
+
+def test_sigkill_mid_run_then_resume_gives_exact_clip_set(tmp_path: Path) -> None:
+    proc = _writer(tmp_path, 0, 100_000)
+    assert proc.stdout is not None
+    for _ in range(150):  # let it write a few shards, then kill it wherever it is
+        proc.stdout.readline()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = Store(tmp_path)
+    assert partial.warnings == []
+    assert partial.num_clips > 0
+    for shard in partial.shards:
+        with h5py.File(shard.path, "r") as h5:
+            assert len(h5["visual"]) == len(h5["t0"]) == len(h5["video"])
+    clear_tmp(tmp_path)
+    assert _writer(tmp_path, 0, 200, resume=True).wait() == 0
+    store = Store(tmp_path)
+    rows = [(c.path, c.t0) for c in store.clips(np.arange(store.num_clips))]
+    assert len(rows) == len(set(rows))  # no duplicate rows
+    assert sorted(rows) == sorted(_expected_rows(200))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_two_writers_at_once(tmp_path: Path) -> None:
+    a, b = _writer(tmp_path, 0, 60), _writer(tmp_path, 60, 120)
+    assert a.wait() == 0 and b.wait() == 0
+    store = Store(tmp_path)
+    names = store.shard_names
+    assert len(names) == len(set(names)) >= 4
+    assert names == sorted(names)
+    rows = [(c.path, c.t0) for c in store.clips(np.arange(store.num_clips))]
+    assert sorted(rows) == sorted(_expected_rows(120))
+
+
+def test_shard_order_keeps_ids_stable(tmp_path: Path) -> None:
+    with StoreWriter(tmp_path, make_meta()) as writer:
+        writer.add_video(*fake_video(0, 5))
+    first = Store(tmp_path)
+    order = first.shard_names
+    before = [(c.path, c.t0) for c in first.clips(np.arange(5))]
+    # A concurrent writer's shard can sort before the known ones; shard_order keeps ids put.
+    with StoreWriter(tmp_path, make_meta()) as writer:
+        writer.add_video(*fake_video(1, 3))
+    newer = Store(tmp_path).shard_names[-1]
+    os.replace(tmp_path / newer, tmp_path / "shard-00000000000000000000-x-1-00000000.h5")
+    store = Store(tmp_path, shard_order=order)
+    assert [(c.path, c.t0) for c in store.clips(np.arange(5))] == before
+    assert store.num_clips == 8
+    assert Store(tmp_path).clip(0).path == fake_video(1, 1)[0].path
+    with pytest.raises(AvindexError, match="missing"):
+        Store(tmp_path, shard_order=["shard-nope.h5"])
+
+
+def test_time_limit_flushes_a_shard(tmp_path: Path) -> None:
+    writer = StoreWriter(tmp_path, make_meta(), shard_clips=10_000, shard_seconds=0.0)
+    writer.add_video(*fake_video(0, 3))
+    assert len(Store(tmp_path).shards) == 1  # flushed without close()
+    writer.close()
