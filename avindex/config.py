@@ -106,6 +106,23 @@ class IndexConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class SynthConfig:
+    """Synthetic corpus: `videos` videos of `seconds` s, segments of one of `classes` events."""
+
+    videos: int = 40
+    seconds: int = 20
+    classes: int = 10
+    seed: int = 0
+    format: str = "mp4"  # mp4 (H.264 + AAC) | webm (VP9 + Opus)
+    width: int = 128
+    height: int = 96
+    fps: float = 25.0
+    sample_rate: int = 48_000
+    min_segment: int = 2  # whole seconds, so every second has exactly one class
+    max_segment: int = 4
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Dataclass config -> plain dict (for JSON, HDF5 attributes and checkpoints)."""
     return dataclasses.asdict(cfg)
@@ -134,6 +151,7 @@ __all__ = [
     "EmbedConfig",
     "IndexConfig",
     "ModelConfig",
+    "SynthConfig",
     "TrainConfig",
     "VideoConfig",
     "from_dict",

@@ -1,0 +1,351 @@
+"""Synthetic audio-visual corpus with per-second ground truth, and the one PyAV video writer."""
+
+from __future__ import annotations
+
+import colorsys
+import csv
+import itertools
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from avindex.config import SynthConfig
+from avindex.errors import AvindexError
+
+# Default (video codec, audio codec, pixel format) per container, by file extension.
+CODECS: dict[str, tuple[str | None, str | None, str]] = {
+    ".mp4": ("libx264", "aac", "yuv420p"),
+    ".mkv": ("libx264", "aac", "yuv420p"),
+    ".webm": ("libvpx-vp9", "libopus", "yuv420p"),
+    ".avi": ("mpeg4", "pcm_s16le", "yuv420p"),
+    ".mov": ("mjpeg", "pcm_s16le", "yuvj420p"),
+    ".m4a": (None, "aac", ""),
+    ".wav": (None, "pcm_s16le", ""),
+    ".flac": (None, "flac", ""),
+    ".mp3": (None, "libmp3lame", ""),
+    ".ogg": (None, "libopus", ""),
+}
+LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1"}
+_VIDEO_OPTIONS = {
+    "libx264": {"preset": "veryfast", "crf": "18"},
+    "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b": "0"},
+    "mpeg4": {"qscale": "3"},
+    "mjpeg": {"qscale": "3"},
+}
+LABELS_FILE = "labels.csv"
+
+
+def write_video(
+    path: str | os.PathLike,
+    frames: Iterable[np.ndarray] | None,
+    fps: float,
+    audio: np.ndarray | None = None,
+    sample_rate: int = 48_000,
+    *,
+    pts: Sequence[float] | None = None,
+    video_codec: str | None = None,
+    audio_codec: str | None = None,
+    rotation: int = 0,
+) -> None:
+    """Write RGB frames (HxWx3 uint8) and audio ((n,) or (n, channels) float in [-1, 1]) with PyAV.
+
+    Codecs default by extension (CODECS). `pts` (seconds per frame) makes a variable-frame-rate
+    file; `rotation` stores a display matrix (counter-clockwise degrees); `frames=None` writes an
+    audio-only file. Audio is muxed alongside the frames so the file is properly interleaved."""
+    import av
+
+    path = os.fspath(path)
+    default_video, default_audio, pix_fmt = CODECS[os.path.splitext(path)[1].lower()]
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(path, "w") as container:
+        vstream = None
+        frame_iter = iter(frames) if frames is not None else iter(())
+        first = next(frame_iter, None)
+        if first is not None:
+            codec = video_codec or default_video
+            vstream = container.add_stream(codec, rate=rate, options=_VIDEO_OPTIONS.get(codec, {}))
+            vstream.height, vstream.width = first.shape[:2]
+            vstream.pix_fmt = pix_fmt
+            vstream.codec_context.gop_size = max(1, round(2 * fps))  # small GOP: cheap seeking
+            vstream.codec_context.time_base = Fraction(1, 90_000) if pts is not None else 1 / rate
+            if rotation:
+                vstream.set_display_rotation(rotation)
+        audio_writer = None
+        if audio is not None:
+            audio_writer = _AudioWriter(container, audio, sample_rate, audio_codec or default_audio)
+        index = 0
+        while first is not None:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(first), format="rgb24")
+            t = pts[index] if pts is not None else index / rate
+            frame.time_base = vstream.codec_context.time_base
+            frame.pts = round(t / frame.time_base)
+            container.mux(vstream.encode(frame))
+            if audio_writer:
+                audio_writer.write_until(float(t) + 1 / float(rate))
+            first, index = next(frame_iter, None), index + 1
+        if vstream is not None:
+            container.mux(vstream.encode())
+        if audio_writer:
+            audio_writer.write_until(float("inf"))
+            audio_writer.flush()
+
+
+class _AudioWriter:
+    """Encodes an audio array progressively, so it can be interleaved with video frames."""
+
+    def __init__(self, container, audio: np.ndarray, sample_rate: int, codec: str) -> None:
+        samples = np.asarray(audio, dtype=np.float32)
+        self.planar = np.ascontiguousarray((samples[:, None] if samples.ndim == 1 else samples).T)
+        self.layout = LAYOUTS[self.planar.shape[0]]
+        self.rate = sample_rate
+        self.container = container
+        self.stream = container.add_stream(codec, rate=sample_rate, layout=self.layout)
+        self.done = 0
+
+    def write_until(self, seconds: float) -> None:
+        """Encode samples up to `seconds` (chunks of any size: PyAV re-frames for the codec)."""
+        import av
+
+        total = self.planar.shape[1]
+        stop = total if seconds >= total / self.rate else round(seconds * self.rate)
+        if stop <= self.done:
+            return
+        chunk = np.ascontiguousarray(self.planar[:, self.done : stop])
+        frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=self.layout)
+        frame.sample_rate, frame.pts, frame.time_base = self.rate, self.done, Fraction(1, self.rate)
+        self.container.mux(self.stream.encode(frame))
+        self.done = stop
+
+    def flush(self) -> None:
+        """Drain the encoder."""
+        self.container.mux(self.stream.encode())
+
+
+@dataclass(frozen=True)
+class EventClass:
+    """Look and sound of one event class."""
+
+    colour: tuple[float, float, float]  # RGB in [0, 1]
+    shape: str  # disc | square | bar | ring
+    motion: str  # pulse | sway | orbit
+    sound: str  # tone | chirp | noise | beat
+    freq: float  # Hz: tone pitch, chirp start, noise band centre, beat carrier
+
+
+def event_classes(k: int) -> list[EventClass]:
+    """The K classes: hue by index, shape/sound cycling by index, pitch log-spaced 200-6400 Hz."""
+    shapes, motions = ("disc", "square", "bar", "ring"), ("pulse", "sway", "orbit")
+    sounds = ("tone", "chirp", "noise", "beat")
+    return [
+        EventClass(
+            colour=colorsys.hsv_to_rgb(c / k, 0.9, 0.95),
+            shape=shapes[c % 4],
+            motion=motions[(c // 4) % 3],
+            sound=sounds[c % 4],
+            freq=200.0 * 2 ** (5.0 * c / k),
+        )
+        for c in range(k)
+    ]
+
+
+def segment_labels(rng: np.random.Generator, cfg: SynthConfig) -> np.ndarray:
+    """Class of every second: segments of min..max whole seconds, no class twice in a row."""
+    labels: list[int] = []
+    while len(labels) < cfg.seconds:
+        length = int(rng.integers(cfg.min_segment, cfg.max_segment + 1))
+        choices = [c for c in range(cfg.classes) if not labels or c != labels[-1]] or [0]
+        labels += [int(rng.choice(choices))] * length
+    return np.asarray(labels[: cfg.seconds], dtype=np.int64)
+
+
+def render_frames(
+    event: EventClass, t: np.ndarray, size: tuple[int, int], style: dict
+) -> np.ndarray:
+    """Frames (T,H,W,3) uint8 of one event at times `t` (seconds), vectorised over all frames."""
+    width, height = size
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    radius = style["scale"] * min(width, height) * 0.22
+    phase = 2 * np.pi * style["speed"] * t + style["phase"]
+    cx = np.full_like(t, style["x"] * width)
+    cy = np.full_like(t, style["y"] * height)
+    if event.motion == "sway":
+        cx = cx + 0.18 * width * np.sin(phase)
+    elif event.motion == "orbit":
+        cx, cy = cx + 0.15 * width * np.cos(phase), cy + 0.15 * height * np.sin(phase)
+    else:
+        radius = radius * (1 + 0.25 * np.sin(phase))
+    r = np.broadcast_to(np.asarray(radius, dtype=np.float32), t.shape)[:, None, None]
+    dx = xx[None] - cx[:, None, None].astype(np.float32)
+    dy = yy[None] - cy[:, None, None].astype(np.float32)
+    if event.shape == "disc":
+        mask = dx**2 + dy**2 <= r**2
+    elif event.shape == "square":
+        mask = (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * r)
+    elif event.shape == "bar":
+        mask = (np.abs(dx) <= 1.6 * r) & (np.abs(dy) <= 0.35 * r)
+    else:
+        d2 = dx**2 + dy**2
+        mask = (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
+    colour = np.clip(np.asarray(event.colour) * 255 * style["gain"], 0, 255).astype(np.float32)
+    background = np.asarray(style["background"], dtype=np.float32)
+    frames = np.where(mask[..., None], colour, background)
+    noise = style["noise"][np.arange(len(t)) % len(style["noise"])]
+    return np.clip(frames + noise, 0, 255).astype(np.uint8)
+
+
+def render_audio(
+    event: EventClass, n: int, sample_rate: int, rng: np.random.Generator, style: dict
+) -> np.ndarray:
+    """Mono float32 sound of one event, `n` samples, with 10 ms fades against clicks."""
+    t = np.arange(n, dtype=np.float64) / sample_rate
+    f = event.freq * style["detune"]
+    if event.sound == "tone":
+        wave = np.sin(2 * np.pi * f * t + style["phase"])
+    elif event.sound == "chirp":
+        period = 0.5  # an upward sweep f -> 2f, twice a second
+        tau = t % period
+        wave = np.sin(2 * np.pi * f * (tau + tau**2 / (2 * period)))
+    elif event.sound == "noise":
+        spectrum = np.fft.rfft(rng.standard_normal(n))
+        freqs = np.fft.rfftfreq(n, 1 / sample_rate)
+        spectrum[np.abs(freqs - f) > 0.15 * f] = 0
+        wave = np.fft.irfft(spectrum, n)
+        wave /= np.abs(wave).max() + 1e-9
+    else:
+        beat = 3.0 + 2.0 * (round(np.log2(event.freq)) % 3)  # 3, 5 or 7 pulses a second
+        wave = np.sin(2 * np.pi * f * t) * (0.5 + 0.5 * np.sin(2 * np.pi * beat * t)) ** 2
+    fade = min(n // 2, sample_rate // 100)
+    ramp = np.linspace(0.0, 1.0, fade)
+    wave[:fade] *= ramp
+    wave[n - fade :] *= ramp[::-1]
+    return (style["loudness"] * wave).astype(np.float32)
+
+
+def _style(rng: np.random.Generator, size: tuple[int, int]) -> dict:
+    """Per-video variation: placement, scale, speed, background, brightness, loudness, noise."""
+    width, height = size
+    return {
+        "x": rng.uniform(0.35, 0.65),
+        "y": rng.uniform(0.35, 0.65),
+        "scale": rng.uniform(0.8, 1.2),
+        "speed": rng.uniform(0.4, 0.8),
+        "phase": rng.uniform(0, 2 * np.pi),
+        "background": rng.uniform(0, 70, 3),
+        "gain": rng.uniform(0.8, 1.0),
+        "detune": rng.uniform(0.97, 1.03),
+        "loudness": rng.uniform(0.3, 0.8),
+        "noise": rng.normal(0, 4, (4, height, width, 3)).astype(np.float32),
+    }
+
+
+def make_video(path: str | os.PathLike, cfg: SynthConfig, index: int) -> np.ndarray:
+    """Write synthetic video `index` of the corpus to `path`; returns its per-second labels."""
+    rng = np.random.default_rng([cfg.seed, index])
+    size = (cfg.width, cfg.height)
+    classes = event_classes(cfg.classes)
+    labels = segment_labels(rng, cfg)
+    style = _style(rng, size)
+    per_second = round(cfg.fps)
+    frames, sounds = [], []
+    bounds = np.flatnonzero(np.diff(np.r_[-1, labels, -1])).tolist()
+    for start, stop in itertools.pairwise(bounds):
+        event = classes[labels[start]]
+        t = np.arange(start * per_second, stop * per_second) / cfg.fps
+        frames.append(render_frames(event, t, size, style))
+        sounds.append(
+            render_audio(event, (stop - start) * cfg.sample_rate, cfg.sample_rate, rng, style)
+        )
+    audio = np.concatenate(sounds)
+    audio += rng.normal(0, 0.01, len(audio)).astype(np.float32)  # mild background hiss
+    write_video(path, np.concatenate(frames), cfg.fps, audio, cfg.sample_rate)
+    return labels
+
+
+def _make_one(args: tuple[str, SynthConfig, int]) -> np.ndarray:
+    """Process-pool entry point for make_video."""
+    return make_video(*args)
+
+
+def make_corpus(out: str | os.PathLike, cfg: SynthConfig, workers: int | None = None) -> Path:
+    """Write `cfg.videos` synthetic videos and labels.csv into `out`; returns the labels path."""
+    if cfg.format not in ("mp4", "webm"):
+        raise AvindexError(f"synth: unknown format {cfg.format!r}; use mp4 or webm")
+    if cfg.classes < 2 or cfg.seconds < 1 or cfg.videos < 1:
+        raise AvindexError("synth: need at least 1 video, 1 second and 2 classes")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f"video_{i:04d}.{cfg.format}" for i in range(cfg.videos)]
+    jobs = [(str(out / name), cfg, i) for i, name in enumerate(names)]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            all_labels = list(pool.map(_make_one, jobs))
+    else:
+        all_labels = [_make_one(job) for job in jobs]
+    return write_labels(out / LABELS_FILE, dict(zip(names, all_labels, strict=True)))
+
+
+def write_labels(path: str | os.PathLike, labels: dict[str, np.ndarray]) -> Path:
+    """Write `video,second,label` rows (video relative to the labels file's folder)."""
+    path = Path(path)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video", "second", "label"])
+        for video, per_second in labels.items():
+            writer.writerows([video, s, int(c)] for s, c in enumerate(per_second))
+    os.replace(tmp, path)
+    return path
+
+
+def load_labels(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a labels CSV: `video,second,label` (one row per second) or `video,label` (whole video).
+
+    Returns video (as written, relative to the file's folder) -> int64 label per second; a
+    per-video label gives a 1-element array (use `clip_labels`). Integer labels keep their value;
+    other names get ids in sorted order."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise AvindexError(f"{path}: cannot read labels ({exc.strerror})") from None
+    fields = set(rows[0]) if rows else set()
+    if not {"video", "label"} <= fields:
+        raise AvindexError(f"{path}: labels need a header 'video,second,label' or 'video,label'")
+    names = sorted({r["label"] for r in rows})
+    numeric = all(n.lstrip("-").isdigit() for n in names)
+    ids = {n: int(n) if numeric else i for i, n in enumerate(names)}
+    table: dict[str, dict[int, int]] = {}
+    for r in rows:
+        second = int(r["second"]) if "second" in fields and r["second"] else 0
+        table.setdefault(r["video"], {})[second] = ids[r["label"]]
+    return {
+        video: np.array([per[s] for s in sorted(per)], dtype=np.int64)
+        for video, per in table.items()
+    }
+
+
+def clip_labels(labels: np.ndarray, t0: np.ndarray, clip_seconds: float = 1.0) -> np.ndarray:
+    """Label of each clip starting at `t0`: the second holding the clip's centre (clamped)."""
+    second = np.floor(np.asarray(t0, dtype=np.float64) + clip_seconds / 2).astype(np.int64)
+    return labels[np.clip(second, 0, len(labels) - 1)]
+
+
+__all__ = [
+    "CODECS",
+    "LABELS_FILE",
+    "EventClass",
+    "clip_labels",
+    "event_classes",
+    "load_labels",
+    "make_corpus",
+    "make_video",
+    "write_labels",
+    "write_video",
+]
