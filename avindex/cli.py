@@ -114,3 +114,59 @@ def synth(
         f"wrote {cfg.videos} videos ({cfg.seconds} s, {cfg.classes} classes, {cfg.format}) and "
         f"{labels} in {time.perf_counter() - start:.1f} s"
     )
+
+
+@app.command()
+def index(
+    store: str = typer.Argument(..., help="Store directory written by `avindex embed`."),
+    modality: str = typer.Option("both", help="visual, audio or both."),
+    factory: str = typer.Option(
+        None, help="auto (by size and memory) or a faiss factory string, e.g. 'IVF1024,Flat'."
+    ),
+    max_memory: str = typer.Option(None, "--max-memory", help="Index memory budget, e.g. 4G."),
+    device: str = typer.Option(None, help="auto, cpu or cuda (faiss GPU when it sees one)."),
+    update: bool = typer.Option(False, "--update", help="Add only shards not yet indexed."),
+    json_out: bool = typer.Option(False, "--json", help="Print index.json instead of a table."),
+) -> None:
+    """Build (or --update) the faiss index of each modality and print its measured recall@10.
+
+    Example: avindex index store/ --max-memory 4G
+    """
+    import json
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from avindex.config import IndexConfig, replace
+    from avindex.index import build_index, parse_size, update_index
+
+    cfg = replace(
+        IndexConfig(),
+        factory=factory,
+        max_memory=parse_size(max_memory) if max_memory is not None else None,
+        device=device,
+    )
+    err = Console(stderr=True)
+    with Progress(console=err, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(f"indexing {name}", total=total)
+            bar.update(tasks[name], completed=done)
+
+        run = update_index if update else build_index
+        info = run(store, cfg, modality=modality, progress=progress)
+    if json_out:
+        print(json.dumps(info, indent=2))
+        return
+    key = f"recall_at_{cfg.recall_k}"
+    table = Table("modality", "factory", "vectors", f"recall@{cfg.recall_k}", "params", "device")
+    for name, entry in info["modalities"].items():
+        params = " ".join(f"{k}={v}" for k, v in entry["params"].items()) or "exact"
+        recall = f"{entry[key]:.3f}" + ("" if entry["recall_target_met"] else " (below 0.95)")
+        table.add_row(name, entry["factory"], str(entry["count"]), recall, params, entry["device"])
+    out = Console()
+    out.print(table)
+    out.print(f"{info['num_clips']} clips in {len(info['shards'])} shards indexed in {store}/index")
