@@ -1,0 +1,28 @@
+"""Shared fixtures: the media zoo (good and broken files of known properties) and a small corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mediafactory import build_zoo
+
+from avindex.config import SynthConfig
+from avindex.synth import make_corpus
+
+# Small synthetic corpus for tests that need labelled audio-visual data.
+SMALL_CORPUS = SynthConfig(videos=4, seconds=6, classes=4, seed=123, width=64, height=48)
+
+
+@pytest.fixture(scope="session")
+def media_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, int | None]]:
+    """name -> (path, expected clips at hop 1 s, or None for files that must be rejected)."""
+    return build_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder with a small synthetic corpus (SMALL_CORPUS) and its labels.csv."""
+    out = tmp_path_factory.mktemp("corpus")
+    make_corpus(out, SMALL_CORPUS, workers=1)
+    return out
