@@ -1,0 +1,155 @@
+"""synth.py and the probe/synth CLI: determinism, picture/sound correspondence, labels, commands."""
+
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+import json
+import sys
+
+import numpy as np
+import pytest
+from conftest import SMALL_CORPUS
+from typer.testing import CliRunner
+
+from avindex import cli
+from avindex.config import AudioConfig, SynthConfig, VideoConfig
+from avindex.errors import AvindexError
+from avindex.media import Moment, probe, read_moments
+from avindex.synth import LABELS_FILE, clip_labels, event_classes, load_labels, make_corpus
+
+AUDIO = AudioConfig()
+VIDEO = VideoConfig(resize_shorter=48, crop=40)
+TINY = SynthConfig(videos=2, seconds=3, classes=3, seed=7, width=48, height=32)
+
+
+def seconds_of(path) -> list:
+    """MomentData for every whole second of a video."""
+    duration = probe(path).duration
+    return list(
+        read_moments(path, [Moment(t + 0.5, t) for t in range(int(duration))], AUDIO, VIDEO)
+    )
+
+
+def visual_class(frame: np.ndarray, k: int) -> int:
+    """Class whose hue is nearest the bright (object) pixels' median colour."""
+    bright = frame.reshape(-1, 3)[frame.reshape(-1, 3).max(axis=1) > 150]
+    hue = colorsys.rgb_to_hsv(*(np.median(bright, axis=0) / 255))[0]
+    return int(np.argmin([min(abs(hue - c / k), 1 - abs(hue - c / k)) for c in range(k)]))
+
+
+def band_fraction(audio: np.ndarray, lo: float, hi: float) -> float:
+    """Fraction of the window's energy between lo and hi Hz."""
+    power = np.abs(np.fft.rfft(audio)) ** 2
+    freqs = np.fft.rfftfreq(len(audio), 1 / AUDIO.sample_rate)
+    return float(power[(freqs >= lo) & (freqs <= hi)].sum() / power.sum())
+
+
+def test_corpus_layout_and_labels(small_corpus) -> None:
+    labels = load_labels(small_corpus / LABELS_FILE)
+    assert sorted(labels) == [f"video_{i:04d}.mp4" for i in range(SMALL_CORPUS.videos)]
+    for name, per_second in labels.items():
+        assert per_second.shape == (SMALL_CORPUS.seconds,)
+        assert set(per_second.tolist()) <= set(range(SMALL_CORPUS.classes))
+        info = probe(small_corpus / name)
+        assert info.usable and info.duration == pytest.approx(SMALL_CORPUS.seconds)
+        assert (info.video_codec, info.audio_codec) == ("h264", "aac")
+
+
+def test_picture_and_sound_match_the_labels(small_corpus) -> None:
+    """Every second's frame colour and sound band identify the labelled class."""
+    classes = event_classes(SMALL_CORPUS.classes)
+    for name, per_second in load_labels(small_corpus / LABELS_FILE).items():
+        for second, data in enumerate(seconds_of(small_corpus / name)):
+            label = int(per_second[second])
+            assert visual_class(data.frame, SMALL_CORPUS.classes) == label, (name, second)
+            f = classes[label].freq
+            lo, hi = (0.9 * f, 2.1 * f) if classes[label].sound == "chirp" else (0.8 * f, 1.2 * f)
+            assert band_fraction(data.audio, lo, hi) > 0.8, (name, second)
+
+
+def test_same_seed_same_corpus(tmp_path) -> None:
+    a, b = make_corpus(tmp_path / "a", TINY, workers=1), make_corpus(tmp_path / "b", TINY)
+    assert a.read_bytes() == b.read_bytes()
+    for name in load_labels(a):
+        fa = seconds_of(a.parent / name)[0]
+        fb = seconds_of(b.parent / name)[0]
+        assert np.array_equal(fa.frame, fb.frame) and np.array_equal(fa.audio, fb.audio)
+    other = make_corpus(tmp_path / "c", dataclasses.replace(TINY, seed=8), workers=1)
+    first = seconds_of(a.parent / "video_0000.mp4")[0].frame
+    assert not np.array_equal(first, seconds_of(other.parent / "video_0000.mp4")[0].frame)
+
+
+def test_webm_format(tmp_path) -> None:
+    cfg = dataclasses.replace(TINY, videos=1, format="webm")
+    labels = make_corpus(tmp_path, cfg, workers=1)
+    info = probe(labels.parent / "video_0000.webm")
+    assert (info.video_codec, info.audio_codec, info.duration) == ("vp9", "opus", 3.0)
+
+
+def test_bad_settings(tmp_path) -> None:
+    with pytest.raises(AvindexError, match="format"):
+        make_corpus(tmp_path, dataclasses.replace(TINY, format="avi"))
+    with pytest.raises(AvindexError, match="classes"):
+        make_corpus(tmp_path, dataclasses.replace(TINY, classes=1))
+
+
+def test_load_labels_formats(tmp_path) -> None:
+    per_video = tmp_path / "per_video.csv"
+    per_video.write_text("video,label\na.mp4,dog\nb.mp4,cat\nc.mp4,dog\n")
+    labels = load_labels(per_video)
+    assert {k: v.tolist() for k, v in labels.items()} == {"a.mp4": [1], "b.mp4": [0], "c.mp4": [1]}
+    assert clip_labels(labels["a.mp4"], np.array([0.0, 7.0])).tolist() == [1, 1]
+    per_second = tmp_path / "per_second.csv"
+    per_second.write_text("video,second,label\nx.mp4,1,5\nx.mp4,0,3\nx.mp4,2,5\n")
+    x = load_labels(per_second)["x.mp4"]
+    assert x.tolist() == [3, 5, 5]
+    # Clip centre decides: t0=0.5 covers 0.5-1.5 s, centre 1.0 s -> second 1; past the end clamps.
+    assert clip_labels(x, np.array([0.0, 0.5, 0.4, 9.0])).tolist() == [3, 5, 3, 5]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,class\na.mp4,1\n")
+    with pytest.raises(AvindexError, match="header"):
+        load_labels(bad)
+    with pytest.raises(AvindexError, match="cannot read"):
+        load_labels(tmp_path / "missing.csv")
+
+
+def test_cli_synth_and_probe(tmp_path, media_zoo) -> None:
+    runner = CliRunner()
+    out = tmp_path / "corpus"
+    args = [
+        "synth",
+        str(out),
+        "--videos",
+        "1",
+        "--seconds",
+        "2",
+        "--classes",
+        "2",
+        "--size",
+        "32x24",
+    ]
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "video_0000.mp4").exists() and (out / LABELS_FILE).exists()
+    folder = next(iter(media_zoo.values()))[0].parent
+    result = runner.invoke(cli.app, ["probe", str(folder), str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    infos = {i["path"].rsplit("/", 1)[-1]: i for i in json.loads(result.output)}
+    for name, (_, clips) in media_zoo.items():
+        assert infos[name]["usable"] == (clips is not None), name
+        assert (infos[name]["error"] is None) == (clips is not None), name
+    assert infos["video_0000.mp4"]["usable"]
+    result = runner.invoke(cli.app, ["probe", str(folder)])
+    assert result.exit_code == 0 and "unusable" in result.output and "h264" in result.output
+
+
+def test_cli_usage_errors(monkeypatch, tmp_path, capsys) -> None:
+    """A missing path or a bad --size is a one-line error with exit code 2."""
+    for argv in (["probe", str(tmp_path / "nope")], ["synth", str(tmp_path), "--size", "big"]):
+        monkeypatch.setattr(sys, "argv", ["avindex", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("avindex: error:") and err.count("\n") == 1
