@@ -11,7 +11,8 @@ from avindex.errors import AvindexError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Train L3-Net on your videos, embed every second, index with faiss, search across modalities.",
+    help="Train L3-Net on your videos, embed every second, index with faiss, search across "
+    "modalities.",
 )
 
 
@@ -170,3 +171,55 @@ def index(
     out = Console()
     out.print(table)
     out.print(f"{info['num_clips']} clips in {len(info['shards'])} shards indexed in {store}/index")
+
+
+@app.command()
+def embed(
+    inputs: list[str] = typer.Argument(..., help="Video files or folders (searched recursively)."),
+    model: str = typer.Option(
+        ..., help="Checkpoint from `avindex train`, or 'random' (untrained)."
+    ),
+    store: str = typer.Option(..., help="Store folder (created if missing; re-runs resume)."),
+    hop: float = typer.Option(None, help="Seconds between clip starts (default 1.0)."),
+    batch_size: int = typer.Option(None, help="Clips per model batch."),
+    device: str = typer.Option(None, help="auto | cpu | cuda."),
+    workers: int = typer.Option(None, help="Background decoder threads."),
+    width: float = typer.Option(0.125, help="With --model random: tower width multiplier."),
+    seed: int = typer.Option(0, help="With --model random: weight seed."),
+    retry_failed: bool = typer.Option(False, help="Try again the videos that failed before."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Embed every second of every video into the store (resumable; bad files are reported).
+
+    Example: avindex embed videos/ --model run/best.pt --store store/
+    """
+    import json
+    from pathlib import Path
+
+    from avindex.config import EmbedConfig, replace
+    from avindex.embed import embed_paths
+    from avindex.model import load_checkpoint, random_checkpoint
+    from avindex.progress import EmbedProgress
+    from avindex.scan import find_media
+
+    cfg = replace(
+        EmbedConfig(), hop=hop, batch_size=batch_size, device=device, decode_workers=workers
+    )
+    paths = find_media(inputs)
+    ckpt = random_checkpoint(width, seed) if model == "random" else load_checkpoint(model)
+    if ckpt.untrained:
+        print(f"note: {ckpt.extra['label']}: embeddings are for timing only", file=sys.stderr)
+    with EmbedProgress(enabled=not json_out) as progress:
+        report = embed_paths(
+            paths,
+            Path(store),
+            ckpt,
+            cfg,
+            retry_failed=retry_failed,
+            on_start=progress.start,
+            on_progress=progress.update,
+        )
+    if json_out:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        progress.summary(report, store)

@@ -1,4 +1,4 @@
-"""Frozen dataclass configs: the single source of defaults for every stage; the CLI only maps flags."""
+"""Frozen dataclass configs: the one source of defaults for every stage; the CLI maps flags."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class AudioConfig:
-    """Audio front end: mono at `sample_rate`, one clip = `clip_seconds`, log-magnitude spectrogram."""
+    """Audio front end: mono at `sample_rate`, `clip_seconds` clips, log-magnitude spectrogram."""
 
     sample_rate: int = 48_000
     clip_seconds: float = 1.0
@@ -74,6 +74,9 @@ class TrainConfig:
     moments_per_video: int = 8  # random moments decoded per video visit (one sequential pass)
     shuffle_buffer: int = 512
     decode_workers: int = 2
+    prefetch_batches: int = 2  # preprocessed batches waiting for the model
+    val_pairs: int = 512  # fixed held-out AVC pairs
+    val_clips: int = 512  # held-out clips (1 s grid) for retrieval R@k
     device: str = "auto"
 
 
@@ -129,7 +132,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Rebuild a config from a dict, ignoring unknown keys (older/newer files) and restoring tuples."""
+    """Rebuild a config from a dict, ignoring unknown keys (other versions), restoring tuples."""
     names = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
     return cls(**kwargs)
@@ -143,9 +146,11 @@ def replace(cfg: T, **changes: Any) -> T:
 # Narrow CPU preset used by tests and the demo: 112 px frames, 2x pooled spectrogram (DESIGN.md).
 SMALL_VIDEO = VideoConfig(resize_shorter=128, crop=112)
 SMALL_MODEL = ModelConfig(width=0.125, spec_pool=2)
+SMALL_TRAIN = TrainConfig(batch_size=32, lr=1e-3)
 
 __all__ = [
     "SMALL_MODEL",
+    "SMALL_TRAIN",
     "SMALL_VIDEO",
     "AudioConfig",
     "EmbedConfig",

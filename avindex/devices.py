@@ -1,4 +1,4 @@
-"""Resolve --device auto|cpu|cuda for torch, DALI and faiss, importing each library only when asked."""
+"""Resolve --device auto|cpu|cuda for torch, DALI and faiss, importing each only when asked."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(device: str) -> str:
-    """Map auto|cpu|cuda to the torch device to use ('cpu' or 'cuda'); cuda without CUDA is an error."""
+    """Map auto|cpu|cuda to the torch device ('cpu' or 'cuda'); cuda without CUDA is an error."""
     if device not in DEVICE_CHOICES:
         raise AvindexError(f"--device {device!r}: expected one of {', '.join(DEVICE_CHOICES)}")
     import torch
@@ -21,7 +21,7 @@ def resolve_device(device: str) -> str:
 
 
 def faiss_gpu_count() -> int:
-    """Number of GPUs faiss can use (0 with faiss-cpu); checked because index_cpu_to_all_gpus fails silently."""
+    """GPUs faiss can use (0 with faiss-cpu): index_cpu_to_all_gpus fails silently without one."""
     import faiss
 
     get = getattr(faiss, "get_num_gpus", None)

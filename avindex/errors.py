@@ -1,4 +1,4 @@
-"""User-facing error type: anything a user can cause is raised as AvindexError and shown as one line."""
+"""User-facing error type: anything a user can cause is an AvindexError, shown as one line."""
 
 
 class AvindexError(Exception):

@@ -1,0 +1,384 @@
+"""Bulk embedding: background decoders -> DALI preprocessing -> L3 towers -> sharded HDF5 store."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from avindex.config import AudioConfig, EmbedConfig, VideoConfig
+from avindex.errors import AvindexError
+
+if TYPE_CHECKING:
+    from avindex.model import Checkpoint
+    from avindex.store import StoreMeta, StoreWriter, VideoRecord
+
+STAGES = ("decode", "wait", "preprocess", "model", "write")
+
+
+@dataclass
+class EmbedReport:
+    """What one `embed` run did, with wall time split by stage (decode is summed over workers)."""
+
+    videos_done: int = 0
+    videos_failed: int = 0
+    videos_skipped: int = 0
+    clips: int = 0
+    video_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def realtime_factor(self) -> float:
+        """Seconds of video embedded per second of wall time."""
+        return self.video_seconds / self.wall_seconds if self.wall_seconds else 0.0
+
+    @property
+    def clips_per_second(self) -> float:
+        """Clips embedded per second of wall time."""
+        return self.clips / self.wall_seconds if self.wall_seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary, derived rates included."""
+        out = asdict(self)
+        out["realtime_factor"] = self.realtime_factor
+        out["clips_per_second"] = self.clips_per_second
+        return out
+
+
+@dataclass
+class _Clip:
+    """One decoded clip on its way to the model."""
+
+    video: int
+    t0: float
+    frame: np.ndarray
+    audio: np.ndarray
+    has_audio: bool
+
+
+@dataclass
+class _VideoEnd:
+    """Marks that a decoder has sent every clip of a video (error set when it failed)."""
+
+    video: int
+    record: VideoRecord
+    n_clips: int
+    error: str | None = None
+
+
+@dataclass
+class _Pending:
+    """Embedding results collected for one video until all its clips are through the model."""
+
+    t0: list[float] = field(default_factory=list)
+    visual: list[np.ndarray] = field(default_factory=list)
+    audio: list[np.ndarray] = field(default_factory=list)
+    has_audio: list[bool] = field(default_factory=list)
+    end: _VideoEnd | None = None
+
+    def discard(self) -> None:
+        """Drop collected rows (the video failed part-way, so none of it is stored)."""
+        self.t0.clear()
+        self.visual.clear()
+        self.audio.clear()
+        self.has_audio.clear()
+
+
+def video_record(path: Path, duration: float) -> VideoRecord:
+    """Store identity of a file (resolved path, size, mtime); a vanished file gets size -1."""
+    from avindex.store import VideoRecord
+
+    try:
+        return VideoRecord.from_file(path, duration)
+    except OSError:
+        return VideoRecord(str(path), -1, 0.0, float(duration))
+
+
+def _decode_worker(
+    jobs: queue.Queue,
+    out: queue.Queue,
+    audio_cfg: AudioConfig,
+    video_cfg: VideoConfig,
+    cfg: EmbedConfig,
+    stop: threading.Event,
+    decode_seconds: list[float],
+) -> None:
+    """Probe and stream-decode videos from `jobs`, sending clips then an end marker for each one."""
+    from avindex.media import MediaError, Moment, clip_starts, probe, read_moments
+
+    while not stop.is_set():
+        try:
+            index, path = jobs.get_nowait()
+        except queue.Empty:
+            return
+        started = time.perf_counter()
+        info = probe(path, clip_seconds=audio_cfg.clip_seconds)
+        record = video_record(path, info.duration or 0.0)
+        if info.error:
+            out.put(_VideoEnd(index, record, 0, info.error))
+            continue
+        starts = clip_starts(info.duration, cfg.hop, audio_cfg.clip_seconds)
+        moments = [Moment(frame_time=t + audio_cfg.clip_seconds / 2, audio_start=t) for t in starts]
+        sent = 0
+        try:
+            for data in read_moments(
+                path, moments, audio_cfg, video_cfg, threads=cfg.decode_threads
+            ):
+                clip = _Clip(index, data.moment.audio_start, data.frame, data.audio, data.has_audio)
+                decode_seconds[0] += time.perf_counter() - started
+                out.put(clip)
+                started = time.perf_counter()
+                sent += 1
+                if stop.is_set():
+                    return
+        except MediaError as exc:
+            out.put(_VideoEnd(index, record, sent, str(exc)))
+            continue
+        decode_seconds[0] += time.perf_counter() - started
+        out.put(_VideoEnd(index, record, sent))
+
+
+class _Embedder:
+    """Turns batches of decoded clips into visual and audio embeddings on one device."""
+
+    def __init__(self, checkpoint: Checkpoint, cfg: EmbedConfig, device: str) -> None:
+        from avindex.pipelines import Preprocessor
+
+        self.model = checkpoint.model.to(device).eval()
+        self.device = device
+        self.preprocess = Preprocessor(
+            checkpoint.audio_cfg, checkpoint.video_cfg, cfg.batch_size, device=device
+        )
+
+    def __call__(self, clips: Sequence[_Clip], seconds: dict[str, float]) -> tuple:
+        """Embed a batch into (visual, audio) float16 arrays, adding stage times to `seconds`."""
+        import torch
+
+        started = time.perf_counter()
+        frames, specs = self.preprocess(
+            [c.frame for c in clips], np.stack([c.audio for c in clips])
+        )
+        seconds["preprocess"] += time.perf_counter() - started
+        started = time.perf_counter()
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device == "cuda"
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            visual = self.model.encode_visual(frames.to(self.device, non_blocking=True))
+            audio = self.model.encode_audio(specs.to(self.device, non_blocking=True))
+        visual = visual.float().cpu().numpy().astype(np.float16)
+        audio = audio.float().cpu().numpy().astype(np.float16)
+        seconds["model"] += time.perf_counter() - started
+        return visual, audio
+
+
+def pending_videos(paths: Sequence[Path], store_dir: Path, retry_failed: bool) -> list[Path]:
+    """Videos not yet in the store (same path, size and mtime), so a re-run finishes the rest."""
+    from avindex.store import Store
+
+    if not (store_dir.exists() and any(store_dir.glob("shard-*.h5"))):
+        return list(paths)
+    known = Store(store_dir).videos()
+    todo = []
+    for path in paths:
+        entry = known.get(video_record(path, 0.0).key)
+        if entry is None or (entry.status == "failed" and retry_failed):
+            todo.append(path)
+    return todo
+
+
+def run_embed(
+    paths: Sequence[Path],
+    writer: StoreWriter,
+    checkpoint: Checkpoint,
+    cfg: EmbedConfig,
+    device: str,
+    on_progress: Callable[[EmbedReport], None] | None = None,
+) -> EmbedReport:
+    """Embed `paths` into `writer`: decoders run ahead in threads while the model embeds batches."""
+    report = EmbedReport()
+    started = time.perf_counter()
+    embedder = _Embedder(checkpoint, cfg, device)
+    jobs: queue.Queue = queue.Queue()
+    for item in enumerate(paths):
+        jobs.put(item)
+    out: queue.Queue = queue.Queue(maxsize=cfg.prefetch_batches * cfg.batch_size)
+    stop = threading.Event()
+    decode_seconds = [[0.0] for _ in range(cfg.decode_workers)]
+    workers = [
+        threading.Thread(
+            target=_decode_worker,
+            args=(jobs, out, checkpoint.audio_cfg, checkpoint.video_cfg, cfg, stop, seconds),
+            daemon=True,
+            name=f"avindex-decode-{i}",
+        )
+        for i, seconds in enumerate(decode_seconds)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        _consume(out, workers, embedder, writer, cfg, report, on_progress)
+    finally:
+        stop.set()
+        _drain(out, workers)
+        report.stage_seconds["decode"] = sum(s[0] for s in decode_seconds)
+        report.wall_seconds = time.perf_counter() - started
+    return report
+
+
+def _items(out: queue.Queue, workers: Sequence[threading.Thread], seconds: dict) -> Iterator:
+    """Items from the decoders until all have finished, timing how long the consumer waits."""
+    while True:
+        waited = time.perf_counter()
+        try:
+            item = out.get(timeout=0.05)
+        except queue.Empty:
+            seconds["wait"] += time.perf_counter() - waited
+            if not any(w.is_alive() for w in workers) and out.empty():
+                return
+            continue
+        seconds["wait"] += time.perf_counter() - waited
+        yield item
+
+
+def _consume(
+    out: queue.Queue,
+    workers: Sequence[threading.Thread],
+    embedder: _Embedder,
+    writer: StoreWriter,
+    cfg: EmbedConfig,
+    report: EmbedReport,
+    on_progress: Callable[[EmbedReport], None] | None,
+) -> None:
+    """Batch clips across videos, embed them, and write each video once all its clips are back."""
+    seconds = report.stage_seconds
+    pending: dict[int, _Pending] = {}
+    batch: list[_Clip] = []
+
+    def finish(video: int) -> None:
+        state = pending[video]
+        end = state.end
+        if end is None or len(state.t0) < end.n_clips:
+            return
+        del pending[video]
+        started = time.perf_counter()
+        if end.error:
+            writer.add_failure(end.record, end.error)
+            report.videos_failed += 1
+            report.failures.append((end.record.path, end.error))
+        else:
+            writer.add_video(
+                end.record,
+                np.stack(state.visual),
+                np.stack(state.audio),
+                np.asarray(state.has_audio, dtype=bool),
+                np.asarray(state.t0, dtype=np.float32),
+            )
+            report.videos_done += 1
+            report.clips += len(state.t0)
+            report.video_seconds += end.record.duration
+        seconds["write"] += time.perf_counter() - started
+        if on_progress:
+            on_progress(report)
+
+    def flush() -> None:
+        if not batch:
+            return
+        visual, audio = embedder(batch, seconds)
+        touched = set()
+        for clip, v, a in zip(batch, visual, audio, strict=True):
+            state = pending[clip.video]
+            state.t0.append(clip.t0)
+            state.visual.append(v)
+            state.audio.append(a)
+            state.has_audio.append(clip.has_audio)
+            touched.add(clip.video)
+        batch.clear()
+        for video in touched:
+            finish(video)
+
+    for item in _items(out, workers, seconds):
+        if isinstance(item, _Clip):
+            pending.setdefault(item.video, _Pending())
+            batch.append(item)
+            if len(batch) >= cfg.batch_size:
+                flush()
+        else:
+            state = pending.setdefault(item.video, _Pending())
+            if item.error:
+                # A video that fails part-way is recorded as failed; its clips are dropped.
+                batch[:] = [c for c in batch if c.video != item.video]
+                state.discard()
+                item.n_clips = 0
+            state.end = item
+            finish(item.video)
+    flush()
+    if pending:
+        raise AvindexError(f"internal: {len(pending)} videos never completed")  # pragma: no cover
+
+
+def _drain(out: queue.Queue, workers: Sequence[threading.Thread]) -> None:
+    """Empty the queue so blocked decoders can see the stop flag and exit."""
+    while any(w.is_alive() for w in workers):
+        with contextlib.suppress(queue.Empty):
+            out.get(timeout=0.05)
+    for worker in workers:
+        worker.join()
+
+
+def store_meta(checkpoint: Checkpoint, cfg: EmbedConfig) -> StoreMeta:
+    """What every shard written with this model and hop records (and what resume checks)."""
+    from avindex.config import to_dict
+    from avindex.store import StoreMeta
+
+    dim = checkpoint.model.embed_dim
+    return StoreMeta(
+        model_sha256=checkpoint.sha256,
+        visual_dim=dim,
+        audio_dim=dim,
+        hop=cfg.hop,
+        model_config=to_dict(checkpoint.model_cfg),
+        audio_config=to_dict(checkpoint.audio_cfg),
+        video_config=to_dict(checkpoint.video_cfg),
+        embed_config=to_dict(cfg),
+    )
+
+
+def embed_paths(
+    paths: Sequence[Path],
+    store_dir: Path,
+    checkpoint: Checkpoint,
+    cfg: EmbedConfig,
+    retry_failed: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[EmbedReport], None] | None = None,
+) -> EmbedReport:
+    """Embed every video not yet in the store; finished shards survive any crash of this run."""
+    from avindex.devices import resolve_device
+    from avindex.store import StoreWriter, clear_tmp
+
+    device = resolve_device(cfg.device)
+    if cfg.hop <= 0:
+        raise AvindexError(f"--hop {cfg.hop}: must be > 0 seconds")
+    store_dir.mkdir(parents=True, exist_ok=True)
+    clear_tmp(store_dir)
+    todo = pending_videos(paths, store_dir, retry_failed)
+    if on_start:
+        on_start(len(todo), len(paths) - len(todo))
+    with StoreWriter(
+        store_dir, store_meta(checkpoint, cfg), cfg.shard_clips, cfg.shard_seconds
+    ) as w:
+        report = run_embed(todo, w, checkpoint, cfg, device, on_progress)
+    report.videos_skipped = len(paths) - len(todo)
+    return report
