@@ -61,8 +61,8 @@ def reference_frame(frame: np.ndarray, video_cfg: VideoConfig) -> np.ndarray:
     return ((crop - mean) / std).transpose(2, 0, 1)
 
 
-def _to_torch(dali_out: Any, shape: tuple[int, ...], device: str) -> torch.Tensor:
-    """Copy one dense DALI output into a new torch tensor of `shape` (the single, unavoidable copy).
+def _copy_to_torch(dali_out: Any, out: torch.Tensor) -> torch.Tensor:
+    """Copy one dense DALI output into `out` (the single, unavoidable copy) and return `out`.
 
     DALI reuses its output buffers on the next run, so a zero-copy view would be overwritten under
     the caller; one copy straight into torch-owned memory (device-to-device on CUDA) is the minimum.
@@ -71,14 +71,87 @@ def _to_torch(dali_out: Any, shape: tuple[int, ...], device: str) -> torch.Tenso
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     dense = dali_out.as_tensor()
-    out = torch.empty(shape, dtype=torch.float32, device=device)
-    stream = torch.cuda.current_stream() if device == "cuda" else None
+    stream = torch.cuda.current_stream() if out.is_cuda else None
     feed_ndarray(dense, out.view(dense.shape()), cuda_stream=stream)
     return out
 
 
+def _device_id(device: str) -> int | None:
+    """DALI device_id for a torch device; None builds a CPU-only pipeline (no CUDA needed)."""
+    if device == "cpu":
+        return None
+    import torch
+
+    return torch.cuda.current_device()
+
+
+def _normalise(frames: Any, video_cfg: VideoConfig, layout: str, **crop_args: Any) -> Any:
+    """fn.crop_mirror_normalize to float with VideoConfig mean/std (given on the 0..1 scale)."""
+    from nvidia.dali import fn, types
+
+    return fn.crop_mirror_normalize(
+        frames,
+        dtype=types.FLOAT,
+        output_layout=layout,
+        mean=[255.0 * m for m in video_cfg.mean],
+        std=[255.0 * s for s in video_cfg.std],
+        **crop_args,
+    )
+
+
+def _frame_graph(frames: Any, video_cfg: VideoConfig, jitter: TrainConfig | None) -> Any:
+    """Scaled HWC uint8 frames -> (3, crop, crop) float: centre crop, or train augmentation."""
+    from nvidia.dali import fn
+
+    c = video_cfg.crop
+    if jitter is None:
+        return _normalise(frames, video_cfg, "CHW", crop=(c, c))
+    # Crop first so the colour jitter touches only crop x crop pixels.
+    frames = fn.crop(
+        frames,
+        crop=(c, c),
+        crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
+        crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
+    )
+    if jitter.brightness_jitter > 0 or jitter.saturation_jitter > 0:
+        frames = fn.color_twist(
+            frames,
+            brightness=_random_factor(jitter.brightness_jitter),
+            saturation=_random_factor(jitter.saturation_jitter),
+        )
+    return _normalise(frames, video_cfg, "CHW", mirror=fn.random.coin_flip(probability=0.5))
+
+
+def _random_factor(spread: float) -> Any:
+    """A per-sample factor uniform in [1 - spread, 1 + spread]; 1.0 when the spread is zero."""
+    from nvidia.dali import fn
+
+    # DALI rejects the empty range [1, 1), and a constant skips a random draw.
+    return fn.random.uniform(range=(1.0 - spread, 1.0 + spread)) if spread > 0 else 1.0
+
+
+def _spectrogram_graph(audio: Any, audio_cfg: AudioConfig, jitter: TrainConfig | None) -> Any:
+    """(n_samples,) float audio -> (n_freq, n_frames) dB re amplitude 1.0, optional random gain."""
+    from nvidia.dali import fn
+
+    if jitter is not None and jitter.volume_jitter > 0:
+        gain = _random_factor(jitter.volume_jitter)  # one factor for the whole sample (paper)
+        audio = audio * (gain.gpu() if audio.device == "gpu" else gain)
+    # power=2 with multiplier 10 equals 20*log10(magnitude) and skips a sqrt per bin.
+    spec = fn.spectrogram(
+        audio,
+        nfft=audio_cfg.n_fft,
+        window_length=audio_cfg.window_length,
+        window_step=audio_cfg.window_step,
+        center_windows=False,
+        power=2,
+        layout="ft",
+    )
+    return fn.to_decibels(spec, multiplier=10.0, reference=1.0, cutoff_db=audio_cfg.db_cutoff)
+
+
 class Preprocessor:
-    """One DALI pipeline (two external sources) turning frames + audio into model-ready tensors."""
+    """DALI pipelines (external sources for frames and audio) producing model-ready tensors."""
 
     def __init__(
         self,
@@ -103,109 +176,180 @@ class Preprocessor:
         self.batch_size, self.device, self.train = batch_size, device, train
         self.seed, self.threads = seed, threads
         self.jitter = (jitter or TrainConfig()) if train else None
-        # Keyed by "needs resize": resizing an already-scaled frame costs ~8x the crop+normalise
-        # (measured: ~7000 vs ~800 frames/s at batch 64 on 2 cores), so it gets its own pipeline.
-        self._pipes: dict[bool, Any] = {}
+        # Keyed by (frames?, audio?, resize?). Resizing an already-scaled frame costs ~8x the
+        # crop+normalise (measured ~7000 vs ~800 frames/s at batch 64 on 2 cores), so frames that
+        # arrive scaled (PyAV path) skip fn.resize in a pipeline of their own.
+        self._pipes: dict[tuple[bool, bool, bool], Any] = {}
 
     def __call__(
         self, frames: Sequence[np.ndarray], audio: np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """frames (B x HxWx3 uint8) + audio (B, n_samples) float32 -> (B,3,crop,crop), (B,1,F,T)."""
-        n = len(frames)
-        audio = np.ascontiguousarray(audio, dtype=np.float32)
-        if not 0 < n <= self.batch_size or audio.shape != (n, self.audio_cfg.n_samples):
-            raise ValueError(
-                f"expected 1..{self.batch_size} frames and audio ({n}, {self.audio_cfg.n_samples}),"
-                f" got {n} frames and audio {audio.shape}"
-            )
-        short = self.video_cfg.resize_shorter
-        resize = any(min(f.shape[:2]) != short for f in frames)
-        pipe = self._pipes.get(resize)
-        if pipe is None:
-            pipe = self._pipes[resize] = self._build(resize)
-        pipe.feed_input("frames", list(frames), layout="HWC")
-        pipe.feed_input("audio", audio)
-        frames_out, specs_out = pipe.run()
-        c, cfg = self.video_cfg.crop, self.audio_cfg
-        return (
-            _to_torch(frames_out, (n, 3, c, c), self.device),
-            _to_torch(specs_out, (n, 1, cfg.n_freq, cfg.n_frames), self.device),
-        )
+        if len(frames) != len(audio):
+            raise ValueError(f"{len(frames)} frames but {len(audio)} audio clips")
+        out = self._run(frames, audio)
+        return out[0], out[1]
 
-    def _build(self, resize: bool) -> Any:
-        """Build the DALI pipeline; prefetch depth 1 since feed_input with a deeper one breaks."""
+    def frames(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+        """Frames only (image queries): B x HxWx3 uint8 -> (B, 3, crop, crop) float32."""
+        return self._run(frames, None)[0]
+
+    def spectrograms(self, audio: np.ndarray) -> torch.Tensor:
+        """Audio only (audio queries, NVDEC frames): (B, n_samples) float32 -> (B, 1, F, T)."""
+        return self._run(None, audio)[0]
+
+    def _run(self, frames: Sequence[np.ndarray] | None, audio: np.ndarray | None) -> list[Any]:
+        """Check the batch, feed the matching pipeline, copy its outputs into torch tensors."""
+        import torch
+
+        n = len(frames) if frames is not None else len(audio)  # type: ignore[arg-type]
+        if not 0 < n <= self.batch_size:
+            raise ValueError(f"batch of {n}; expected 1..{self.batch_size}")
+        acfg, c = self.audio_cfg, self.video_cfg.crop
+        if audio is not None:
+            audio = np.ascontiguousarray(audio, dtype=np.float32)  # one contiguous batch
+            if audio.shape != (n, acfg.n_samples):
+                raise ValueError(f"audio {audio.shape}; expected ({n}, {acfg.n_samples})")
+        short = self.video_cfg.resize_shorter
+        resize = frames is not None and any(min(f.shape[:2]) != short for f in frames)
+        key = (frames is not None, audio is not None, resize)
+        if key not in self._pipes:
+            self._pipes[key] = self._build(*key)
+        pipe = self._pipes[key]
+        shapes = []
+        if frames is not None:
+            # DALI takes dense arrays only; PyAV rows are padded to aligned line sizes.
+            pipe.feed_input("frames", [np.ascontiguousarray(f) for f in frames], layout="HWC")
+            shapes.append((n, 3, c, c))
+        if audio is not None:
+            pipe.feed_input("audio", audio)
+            shapes.append((n, 1, acfg.n_freq, acfg.n_frames))
+        outs = pipe.run()
+        return [
+            _copy_to_torch(o, torch.empty(s, dtype=torch.float32, device=self.device))
+            for o, s in zip(outs, shapes, strict=True)
+        ]
+
+    def _build(self, with_frames: bool, with_audio: bool, resize: bool) -> Any:
+        """Build one DALI pipeline; prefetch depth 1 since feed_input with a deeper one breaks."""
         from nvidia.dali import fn, pipeline_def, types
 
         gpu = self.device == "cuda"
-        if gpu:
-            import torch
-
-            device_id = torch.cuda.current_device()
-        else:
-            device_id = None  # builds a CPU-only pipeline (a GPU one cannot be built without CUDA)
-        vcfg, acfg, jit = self.video_cfg, self.audio_cfg, self.jitter
-
-        def on_device(node: Any) -> Any:
-            return node.gpu() if gpu else node
-
-        def uniform(spread: float) -> Any:
-            # A zero spread means "off"; DALI rejects the empty range [1, 1).
-            return fn.random.uniform(range=(1.0 - spread, 1.0 + spread)) if spread > 0 else 1.0
 
         @pipeline_def(
             batch_size=self.batch_size,
             num_threads=self.threads,
-            device_id=device_id,
+            device_id=_device_id(self.device),
             seed=self.seed,
             prefetch_queue_depth=1,
         )
-        def pipeline() -> tuple[Any, Any]:
-            frames = on_device(fn.external_source(name="frames", dtype=types.UINT8, ndim=3))
-            audio = on_device(fn.external_source(name="audio", dtype=types.FLOAT, ndim=1))
-            if resize:
-                frames = fn.resize(frames, resize_shorter=vcfg.resize_shorter)
-            mirror: Any = 0
-            pos: dict[str, Any] = {}
-            if jit is not None:
-                # Crop first so the colour jitter touches only crop x crop pixels.
-                frames = fn.crop(
-                    frames,
-                    crop=(vcfg.crop, vcfg.crop),
-                    crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-                    crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
-                )
-                if jit.brightness_jitter > 0 or jit.saturation_jitter > 0:
-                    frames = fn.color_twist(
-                        frames,
-                        brightness=uniform(jit.brightness_jitter),
-                        saturation=uniform(jit.saturation_jitter),
-                    )
-                mirror = fn.random.coin_flip(probability=0.5)
-                if jit.volume_jitter > 0:
-                    audio = audio * on_device(uniform(jit.volume_jitter))
-            else:
-                pos = {"crop": (vcfg.crop, vcfg.crop)}
-            frames = fn.crop_mirror_normalize(
-                frames,
-                dtype=types.FLOAT,
-                output_layout="CHW",
-                mirror=mirror,
-                mean=[255.0 * m for m in vcfg.mean],
-                std=[255.0 * s for s in vcfg.std],
-                **pos,
-            )
-            # power=2 with multiplier 10 equals 20*log10(magnitude) and skips a sqrt per bin.
-            spec = fn.spectrogram(
-                audio,
-                nfft=acfg.n_fft,
-                window_length=acfg.window_length,
-                window_step=acfg.window_step,
-                center_windows=False,
-                power=2,
-                layout="ft",
-            )
-            spec = fn.to_decibels(spec, multiplier=10.0, reference=1.0, cutoff_db=acfg.db_cutoff)
-            return frames, spec
+        def pipeline() -> tuple[Any, ...]:
+            outputs = []
+            if with_frames:
+                frames = fn.external_source(name="frames", dtype=types.UINT8, ndim=3)
+                frames = frames.gpu() if gpu else frames
+                if resize:
+                    frames = fn.resize(frames, resize_shorter=self.video_cfg.resize_shorter)
+                outputs.append(_frame_graph(frames, self.video_cfg, self.jitter))
+            if with_audio:
+                audio = fn.external_source(name="audio", dtype=types.FLOAT, ndim=1)
+                audio = audio.gpu() if gpu else audio
+                outputs.append(_spectrogram_graph(audio, self.audio_cfg, self.jitter))
+            return tuple(outputs)
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+
+# --- GPU decode path (NVDEC): needs CUDA and the nvidia-dali-cudaXXX build; imports on CPU. ---
+
+# Codecs DALI's mixed (NVDEC) video decoder handles, by FFmpeg codec name (DALI 2.4 docs).
+NVDEC_CODECS = frozenset({"h264", "hevc", "av1", "mpeg4", "vp8", "vp9", "mjpeg"})
+
+
+def gpu_decodable(video_codec: str | None, rotation: int) -> bool:
+    """Whether GpuFrameDecoder can take a video: an NVDEC codec and no display rotation.
+
+    DALI's decoder ignores the display-matrix rotation that the PyAV path applies, so rotated
+    videos stay on the PyAV path rather than come out sideways.
+    """
+    return video_codec in NVDEC_CODECS and rotation % 360 == 0
+
+
+def frame_indices(path: str, times: Sequence[float]) -> np.ndarray:
+    """Indices of the frames nearest `times` (seconds from the first frame), numbered as DALI does.
+
+    fn.decoders.video numbers frames by sorting the video packets' pts (dts when pts is missing);
+    reading the same packet timestamps here needs demuxing only, no decoding, and is VFR-safe.
+    Ties between two frames go to the earlier one.
+    """
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stamps = [
+            p.pts if p.pts is not None else p.dts
+            for p in container.demux(stream)
+            if p.pts is not None or p.dts is not None
+        ]
+        seconds = (np.sort(np.asarray(stamps, np.int64)) - min(stamps)) * float(stream.time_base)
+    want = np.asarray(times, np.float64)
+    after = np.clip(np.searchsorted(seconds, want), 1, len(seconds) - 1)
+    before = after - 1
+    pick_after = np.abs(seconds[after] - want) < np.abs(want - seconds[before])
+    return np.where(pick_after, after, before).astype(np.int32)
+
+
+class GpuFrameDecoder:
+    """NVDEC decode of chosen frames of one video, scaled, centre-cropped and normalised on GPU.
+
+    GPU only: building the pipeline needs CUDA. The encoded file is held in host memory (not
+    decoded frames), and frames are decoded `max_frames` at a time, so GPU memory stays bounded.
+    """
+
+    def __init__(self, video_cfg: VideoConfig, max_frames: int = 64, threads: int = 2) -> None:
+        """Configure; the pipeline builds on first use."""
+        self.video_cfg, self.max_frames, self.threads = video_cfg, max_frames, threads
+        self._pipe: Any = None
+
+    def __call__(self, path: str, indices: Sequence[int]) -> torch.Tensor:
+        """Frames `indices` of the file at `path` -> (F, 3, crop, crop) float32 CUDA tensor."""
+        import torch
+
+        if self._pipe is None:
+            self._pipe = self._build()
+        encoded = np.fromfile(path, dtype=np.uint8)
+        idx = np.asarray(indices, dtype=np.int32)
+        c = self.video_cfg.crop
+        out = torch.empty((len(idx), 3, c, c), dtype=torch.float32, device="cuda")
+        for start in range(0, len(idx), self.max_frames):
+            chunk = idx[start : start + self.max_frames]
+            self._pipe.feed_input("encoded", [encoded])
+            self._pipe.feed_input("indices", [chunk])
+            (frames,) = self._pipe.run()
+            _copy_to_torch(frames, out[start : start + len(chunk)])
+        return out
+
+    def _build(self) -> Any:
+        """One-sample pipeline: encoded bytes + frame indices -> normalised FCHW crops on GPU."""
+        from nvidia.dali import fn, pipeline_def, types
+
+        vcfg = self.video_cfg
+
+        @pipeline_def(
+            batch_size=1,
+            num_threads=self.threads,
+            device_id=_device_id("cuda"),
+            prefetch_queue_depth=1,
+        )
+        def pipeline() -> Any:
+            # no_copy: DALI reads the caller's file buffer directly; __call__ keeps it alive.
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=True)
+            indices = fn.external_source(name="indices", dtype=types.INT32, ndim=1)
+            video = fn.decoders.video(encoded, device="mixed", frames=indices)  # F x H x W x 3
+            video = fn.resize(video, resize_shorter=vcfg.resize_shorter)
+            return _normalise(video, vcfg, "FCHW", crop=(vcfg.crop, vcfg.crop))
 
         pipe = pipeline()
         pipe.build()
