@@ -218,6 +218,7 @@ def embed(
             retry_failed=retry_failed,
             on_start=progress.start,
             on_progress=progress.update,
+            model_path=None if model == "random" else model,
         )
     if json_out:
         print(json.dumps(report.to_dict(), indent=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -337,7 +338,25 @@ def _drain(out: queue.Queue, workers: Sequence[threading.Thread]) -> None:
         worker.join()
 
 
-def store_meta(checkpoint: Checkpoint, cfg: EmbedConfig) -> StoreMeta:
+def model_source(checkpoint: Checkpoint, model_path: str | os.PathLike | None) -> dict:
+    """How `search` can rebuild the model: random_checkpoint's arguments, or the checkpoint path."""
+    from avindex.config import SMALL_VIDEO
+
+    if checkpoint.untrained:
+        return {
+            "random": {
+                "width": checkpoint.model_cfg.width,
+                "seed": checkpoint.extra["seed"],
+                "head": checkpoint.model_cfg.head,
+                "small": checkpoint.video_cfg == SMALL_VIDEO,
+            }
+        }
+    return {"path": str(Path(model_path).resolve())} if model_path is not None else {}
+
+
+def store_meta(
+    checkpoint: Checkpoint, cfg: EmbedConfig, model_path: str | os.PathLike | None = None
+) -> StoreMeta:
     """What every shard written with this model and hop records (and what resume checks)."""
     from avindex.config import to_dict
     from avindex.store import StoreMeta
@@ -352,6 +371,7 @@ def store_meta(checkpoint: Checkpoint, cfg: EmbedConfig) -> StoreMeta:
         audio_config=to_dict(checkpoint.audio_cfg),
         video_config=to_dict(checkpoint.video_cfg),
         embed_config=to_dict(cfg),
+        model_source=model_source(checkpoint, model_path),
     )
 
 
@@ -363,8 +383,12 @@ def embed_paths(
     retry_failed: bool = False,
     on_start: Callable[[int, int], None] | None = None,
     on_progress: Callable[[EmbedReport], None] | None = None,
+    model_path: str | os.PathLike | None = None,
 ) -> EmbedReport:
-    """Embed every video not yet in the store; finished shards survive any crash of this run."""
+    """Embed every video not yet in the store; finished shards survive any crash of this run.
+
+    `model_path` (the checkpoint file) is recorded in the store so `search` can find the model.
+    """
     from avindex.devices import resolve_device
     from avindex.store import StoreWriter, clear_tmp
 
@@ -377,7 +401,7 @@ def embed_paths(
     if on_start:
         on_start(len(todo), len(paths) - len(todo))
     with StoreWriter(
-        store_dir, store_meta(checkpoint, cfg), cfg.shard_clips, cfg.shard_seconds
+        store_dir, store_meta(checkpoint, cfg, model_path), cfg.shard_clips, cfg.shard_seconds
     ) as w:
         report = run_embed(todo, w, checkpoint, cfg, device, on_progress)
     report.videos_skipped = len(paths) - len(todo)

@@ -41,6 +41,9 @@ class StoreMeta:
     audio_config: dict[str, Any] = field(default_factory=dict)
     video_config: dict[str, Any] = field(default_factory=dict)
     embed_config: dict[str, Any] = field(default_factory=dict)
+    # How to get the model back for queries: {"path": checkpoint} or {"random": {...}}; search
+    # checks the rebuilt model's sha256 against model_sha256, so this is a hint, not identity.
+    model_source: dict[str, Any] = field(default_factory=dict)
 
     def dim(self, modality: str) -> int:
         """Embedding size of one modality."""
@@ -58,6 +61,7 @@ class StoreMeta:
             "audio_config": json.dumps(self.audio_config),
             "video_config": json.dumps(self.video_config),
             "embed_config": json.dumps(self.embed_config),
+            "model_source": json.dumps(self.model_source),
         }
 
     @classmethod
@@ -72,6 +76,7 @@ class StoreMeta:
             audio_config=json.loads(attrs["audio_config"]),
             video_config=json.loads(attrs["video_config"]),
             embed_config=json.loads(attrs["embed_config"]),
+            model_source=json.loads(attrs.get("model_source", "{}")),
         )
 
     def mismatch(self, other: StoreMeta) -> str | None:
