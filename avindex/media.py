@@ -319,7 +319,9 @@ class _MomentReader:
         self.next_frame = 0  # first moment without a chosen frame
         self.next_out = 0  # first moment not yet yielded
         self.prev: tuple[float, av.VideoFrame] | None = None
-        self.converted: tuple[int, np.ndarray] | None = None  # frame reused by close moments
+        # The last converted frame, kept alive with its pixels: an id() alone could match a later
+        # frame that reuses a freed frame's address.
+        self.converted: tuple[av.VideoFrame, np.ndarray] | None = None
         self.audio = _AudioTimeline(self.rate)
         self.resampler = _resampler(self.rate)
         self.audio_done = False
@@ -339,8 +341,8 @@ class _MomentReader:
 
     def _choose(self, frame: av.VideoFrame) -> None:
         """Convert `frame` (once, even when several moments pick it) for the next moment."""
-        if self.converted is None or self.converted[0] != id(frame):
-            self.converted = (id(frame), _frame_to_rgb(frame, self.shorter))
+        if self.converted is None or self.converted[0] is not frame:
+            self.converted = (frame, _frame_to_rgb(frame, self.shorter))
         self.chosen[self.next_frame] = self.converted[1]
         self.next_frame += 1
 

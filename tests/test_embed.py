@@ -1,0 +1,144 @@
+"""Bulk embedding: exact clip counts over the media zoo, failures recorded, resume after kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mediafactory import BAD
+
+from avindex.config import EmbedConfig
+from avindex.embed import embed_paths
+from avindex.media import Moment, clip_starts, probe, read_moments
+from avindex.model import random_checkpoint
+from avindex.pipelines import reference_frame, reference_log_spectrograms
+from avindex.scan import find_media
+from avindex.store import Store
+
+CFG = EmbedConfig(device="cpu", batch_size=16, decode_workers=2)
+
+
+def checkpoint():
+    """The small untrained model every embed test uses (deterministic)."""
+    return random_checkpoint(0.125, seed=0)
+
+
+def clip_rows(store: Store) -> Counter:
+    """(path, t0) -> number of rows holding that clip."""
+    refs = store.clips(np.arange(store.num_clips))
+    return Counter((r.path, round(r.t0, 3)) for r in refs)
+
+
+@pytest.fixture(scope="module")
+def zoo_store(media_zoo, tmp_path_factory) -> tuple[Path, object]:
+    """The whole zoo folder embedded once with the random model."""
+    folder = next(iter(media_zoo.values()))[0].parent
+    out = tmp_path_factory.mktemp("zoo_store") / "store"
+    report = embed_paths(find_media([folder]), out, checkpoint(), CFG)
+    return out, report
+
+
+def test_every_good_video_gives_its_clips_and_bad_files_are_reported(media_zoo, zoo_store):
+    out, report = zoo_store
+    store = Store(out)
+    videos = {Path(e.path).name: e for e in store.videos().values()}
+    rows = clip_rows(store)
+    for name, (path, expected) in media_zoo.items():
+        entry = videos[name]
+        if expected is None:
+            assert entry.status == "failed", name
+            assert BAD[name] in entry.error, (name, entry.error)
+            continue
+        assert entry.status == "done", (name, entry.error)
+        assert entry.n_clips == expected, name
+        t0 = sorted(t for (p, t) in rows if p == str(path.resolve()))
+        np.testing.assert_allclose(t0, np.arange(expected, dtype=float), err_msg=name)
+    assert all(n == 1 for n in rows.values()), "duplicate clip rows"
+    assert report.videos_failed == len(BAD)
+    assert report.videos_done == len(media_zoo) - len(BAD)
+    assert report.clips == store.num_clips
+
+
+def test_video_without_audio_track_has_visual_rows_only(media_zoo, zoo_store):
+    store = Store(zoo_store[0])
+    path = str(media_zoo["no_audio.mp4"][0].resolve())
+    refs = [r for r in store.clips(np.arange(store.num_clips)) if r.path == path]
+    assert refs and not any(r.has_audio for r in refs)
+    assert any(r.has_audio for r in store.clips(np.arange(store.num_clips)) if r.path != path)
+
+
+def test_rerun_skips_finished_and_failed_videos(media_zoo, zoo_store):
+    out, _ = zoo_store
+    before = sorted(p.name for p in out.glob("shard-*.h5"))
+    folder = next(iter(media_zoo.values()))[0].parent
+    report = embed_paths(find_media([folder]), out, checkpoint(), CFG)
+    assert report.videos_done == report.videos_failed == 0
+    assert report.videos_skipped == len(media_zoo)
+    assert sorted(p.name for p in out.glob("shard-*.h5")) == before
+
+
+def test_batched_embeddings_match_per_clip_reference(small_corpus, tmp_path):
+    """The batched DALI + model path equals plain per-clip PIL/numpy preprocessing."""
+    ckpt = checkpoint()
+    video = sorted(small_corpus.glob("*.mp4"))[0]
+    embed_paths([video], tmp_path / "store", ckpt, CFG)
+    store = Store(tmp_path / "store")
+    starts = clip_starts(probe(video).duration, CFG.hop, ckpt.audio_cfg.clip_seconds)
+    moments = [Moment(t + 0.5, t) for t in starts]
+    data = list(read_moments(video, moments, ckpt.audio_cfg, ckpt.video_cfg))
+    frames = torch.from_numpy(np.stack([reference_frame(d.frame, ckpt.video_cfg) for d in data]))
+    specs = reference_log_spectrograms(np.stack([d.audio for d in data]), ckpt.audio_cfg)
+    with torch.inference_mode():
+        visual = ckpt.model.encode_visual(frames).numpy()
+        audio = ckpt.model.encode_audio(torch.from_numpy(specs[:, None]).float()).numpy()
+    ids = np.arange(store.num_clips)
+    # float16 storage and the DALI/PIL resampling difference bound the gap; vectors are unit norm.
+    np.testing.assert_allclose(store.vectors(ids, "visual"), visual, atol=3e-2)
+    np.testing.assert_allclose(store.vectors(ids, "audio"), audio, atol=3e-2)
+
+
+KILLABLE = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from avindex.config import EmbedConfig
+    from avindex.embed import embed_paths
+    from avindex.model import random_checkpoint
+    from avindex.scan import find_media
+
+    # One shard per video, one decoder: the run is slow enough to be killed half-way.
+    cfg = EmbedConfig(device="cpu", batch_size=4, decode_workers=1, shard_clips=1)
+    embed_paths(find_media([sys.argv[1]]), Path(sys.argv[2]), random_checkpoint(0.125, 0), cfg)
+    """
+)
+
+
+def test_kill_9_then_rerun_gives_exactly_the_uninterrupted_clip_set(small_corpus, tmp_path):
+    reference = tmp_path / "reference"
+    embed_paths(find_media([small_corpus]), reference, checkpoint(), CFG)
+    store_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE, str(small_corpus), str(store_dir)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 120
+    while not list(store_dir.glob("shard-*.h5")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "embed finished before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = Store(store_dir).num_clips
+    assert 0 < partial < Store(reference).num_clips
+    embed_paths(find_media([small_corpus]), store_dir, checkpoint(), CFG)
+    resumed = Store(store_dir)
+    assert not resumed.warnings
+    assert clip_rows(resumed) == clip_rows(Store(reference))
