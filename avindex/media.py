@@ -229,12 +229,23 @@ def _timing(
     return duration, avg_fps, variable
 
 
-def _frame_to_rgb(frame: av.VideoFrame, shorter: int) -> np.ndarray:
+def _frame_to_rgb(
+    frame: av.VideoFrame, shorter: int, reformatter: av.video.reformatter.VideoReformatter
+) -> np.ndarray:
     """RGB uint8 HxWx3 with the shorter side scaled to `shorter` (one swscale pass), upright."""
     width, height = scaled_size(frame.width, frame.height, shorter)
-    rgb = frame.to_ndarray(width=width, height=height, format="rgb24")
+    # A reused reformatter keeps its swscale context: frame.to_ndarray(width=...) builds a new one
+    # per call, ~50x slower on small frames (measured 6.8 vs 0.14 ms at 128x96 -> 171x128).
+    rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24").to_ndarray()
     turns = round((frame.rotation or 0) / 90) % 4
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
+def _reformatter() -> av.video.reformatter.VideoReformatter:
+    """A swscale reformatter to reuse for every frame of one stream."""
+    from av.video.reformatter import VideoReformatter
+
+    return VideoReformatter()
 
 
 def _mono(frame: av.AudioFrame) -> np.ndarray:
@@ -322,6 +333,7 @@ class _MomentReader:
         # The last converted frame, kept alive with its pixels: an id() alone could match a later
         # frame that reuses a freed frame's address.
         self.converted: tuple[av.VideoFrame, np.ndarray] | None = None
+        self.reformatter = _reformatter()
         self.audio = _AudioTimeline(self.rate)
         self.resampler = _resampler(self.rate)
         self.audio_done = False
@@ -342,7 +354,7 @@ class _MomentReader:
     def _choose(self, frame: av.VideoFrame) -> None:
         """Convert `frame` (once, even when several moments pick it) for the next moment."""
         if self.converted is None or self.converted[0] is not frame:
-            self.converted = (frame, _frame_to_rgb(frame, self.shorter))
+            self.converted = (frame, _frame_to_rgb(frame, self.shorter, self.reformatter))
         self.chosen[self.next_frame] = self.converted[1]
         self.next_frame += 1
 
