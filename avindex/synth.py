@@ -6,7 +6,7 @@ import colorsys
 import csv
 import itertools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
@@ -38,6 +38,7 @@ _VIDEO_OPTIONS = {
     "mjpeg": {"qscale": "3"},
 }
 LABELS_FILE = "labels.csv"
+_FRAMES_PER_CHUNK = 16  # frames rendered per numpy batch: fast, and bounded memory at any size
 
 
 def write_video(
@@ -168,7 +169,6 @@ def render_frames(
 ) -> np.ndarray:
     """Frames (T,H,W,3) uint8 of one event at times `t` (seconds), vectorised over all frames."""
     width, height = size
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     radius = style["scale"] * min(width, height) * 0.22
     phase = 2 * np.pi * style["speed"] * t + style["phase"]
     cx = np.full_like(t, style["x"] * width)
@@ -180,8 +180,9 @@ def render_frames(
     else:
         radius = radius * (1 + 0.25 * np.sin(phase))
     r = np.broadcast_to(np.asarray(radius, dtype=np.float32), t.shape)[:, None, None]
-    dx = xx[None] - cx[:, None, None].astype(np.float32)
-    dy = yy[None] - cy[:, None, None].astype(np.float32)
+    # (T,1,W) and (T,H,1) offsets broadcast to (T,H,W) masks: no full-size float temporaries.
+    dx = np.arange(width, dtype=np.float32)[None, None, :] - cx[:, None, None].astype(np.float32)
+    dy = np.arange(height, dtype=np.float32)[None, :, None] - cy[:, None, None].astype(np.float32)
     if event.shape == "disc":
         mask = dx**2 + dy**2 <= r**2
     elif event.shape == "square":
@@ -191,11 +192,11 @@ def render_frames(
     else:
         d2 = dx**2 + dy**2
         mask = (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
-    colour = np.clip(np.asarray(event.colour) * 255 * style["gain"], 0, 255).astype(np.float32)
-    background = np.asarray(style["background"], dtype=np.float32)
-    frames = np.where(mask[..., None], colour, background)
-    noise = style["noise"][np.arange(len(t)) % len(style["noise"])]
-    return np.clip(frames + noise, 0, 255).astype(np.uint8)
+    colour = np.clip(np.asarray(event.colour) * 255 * style["gain"], 0, 255).astype(np.int16)
+    noise = style["noise"]
+    solid = np.clip(noise + colour, 0, 255).astype(np.uint8)  # a few noisy copies, reused
+    pick = np.arange(len(t)) % len(noise)
+    return np.where(mask[..., None], solid[pick], style["backdrop"][pick])
 
 
 def render_audio(
@@ -229,40 +230,52 @@ def render_audio(
 def _style(rng: np.random.Generator, size: tuple[int, int]) -> dict:
     """Per-video variation: placement, scale, speed, background, brightness, loudness, noise."""
     width, height = size
+    background = rng.uniform(0, 70, 3).astype(np.int16)
+    noise = np.round(rng.normal(0, 4, (4, height, width, 3))).astype(np.int16)
     return {
         "x": rng.uniform(0.35, 0.65),
         "y": rng.uniform(0.35, 0.65),
         "scale": rng.uniform(0.8, 1.2),
         "speed": rng.uniform(0.4, 0.8),
         "phase": rng.uniform(0, 2 * np.pi),
-        "background": rng.uniform(0, 70, 3),
         "gain": rng.uniform(0.8, 1.0),
         "detune": rng.uniform(0.97, 1.03),
         "loudness": rng.uniform(0.3, 0.8),
-        "noise": rng.normal(0, 4, (4, height, width, 3)).astype(np.float32),
+        "noise": noise,
+        "backdrop": np.clip(noise + background, 0, 255).astype(np.uint8),
     }
+
+
+def _frames(
+    labels: np.ndarray, classes: list[EventClass], cfg: SynthConfig, style: dict
+) -> Iterator[np.ndarray]:
+    """Frames of the whole video, rendered a few at a time (any size or length fits in memory);
+    frame k shows the class of second floor(k / fps)."""
+    times = np.arange(round(cfg.seconds * cfg.fps)) / cfg.fps
+    frame_class = labels[np.minimum(times.astype(np.int64), len(labels) - 1)]
+    bounds = np.flatnonzero(np.diff(np.r_[-1, frame_class, -1])).tolist()
+    for start, stop in itertools.pairwise(bounds):
+        for lo in range(start, stop, _FRAMES_PER_CHUNK):
+            t = times[lo : min(stop, lo + _FRAMES_PER_CHUNK)]
+            yield from render_frames(classes[frame_class[start]], t, (cfg.width, cfg.height), style)
 
 
 def make_video(path: str | os.PathLike, cfg: SynthConfig, index: int) -> np.ndarray:
     """Write synthetic video `index` of the corpus to `path`; returns its per-second labels."""
     rng = np.random.default_rng([cfg.seed, index])
-    size = (cfg.width, cfg.height)
     classes = event_classes(cfg.classes)
     labels = segment_labels(rng, cfg)
-    style = _style(rng, size)
-    per_second = round(cfg.fps)
-    frames, sounds = [], []
+    style = _style(rng, (cfg.width, cfg.height))
     bounds = np.flatnonzero(np.diff(np.r_[-1, labels, -1])).tolist()
-    for start, stop in itertools.pairwise(bounds):
-        event = classes[labels[start]]
-        t = np.arange(start * per_second, stop * per_second) / cfg.fps
-        frames.append(render_frames(event, t, size, style))
-        sounds.append(
-            render_audio(event, (stop - start) * cfg.sample_rate, cfg.sample_rate, rng, style)
-        )
-    audio = np.concatenate(sounds)
+    rate = cfg.sample_rate
+    audio = np.concatenate(
+        [
+            render_audio(classes[labels[start]], (stop - start) * rate, rate, rng, style)
+            for start, stop in itertools.pairwise(bounds)
+        ]
+    )
     audio += rng.normal(0, 0.01, len(audio)).astype(np.float32)  # mild background hiss
-    write_video(path, np.concatenate(frames), cfg.fps, audio, cfg.sample_rate)
+    write_video(path, _frames(labels, classes, cfg, style), cfg.fps, audio, rate)
     return labels
 
 

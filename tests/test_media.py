@@ -38,6 +38,7 @@ def rel_error(audio: np.ndarray, ref: np.ndarray) -> float:
 
 
 def test_clip_starts_formula() -> None:
+    """Clip counts follow the contract formula, including its float tolerance."""
     assert len(clip_starts(0.999, 1.0, 1.0)) == 0
     assert len(clip_starts(None, 1.0, 1.0)) == 0
     assert clip_starts(1.0, 1.0, 1.0).tolist() == [0.0]
@@ -47,12 +48,14 @@ def test_clip_starts_formula() -> None:
 
 
 def test_scaled_size() -> None:
+    """Shorter side scaled exactly, aspect kept (landscape and portrait)."""
     assert scaled_size(177, 99, 48) == (86, 48)
     assert scaled_size(72, 128, 48) == (48, 85)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_probe_good(media_zoo, name: str) -> None:
+    """probe reports every field of a good file as written."""
     spec, info = SPECS[name], probe(media_zoo[name][0])
     assert info.usable, info.error
     # The last frame's duration is a muxer guess for VFR (mp4 stores no frame rate to infer it).
@@ -71,6 +74,7 @@ def test_probe_good(media_zoo, name: str) -> None:
 
 @pytest.mark.parametrize("name", list(mf.BAD))
 def test_probe_bad(media_zoo, name: str) -> None:
+    """probe gives a one-line reason for a broken file, never an exception."""
     info = probe(media_zoo[name][0])
     assert not info.usable
     assert mf.BAD[name] in info.error
@@ -78,11 +82,13 @@ def test_probe_bad(media_zoo, name: str) -> None:
 
 
 def test_probe_missing_file(tmp_path) -> None:
+    """A missing path is a reason, not an exception."""
     assert probe(tmp_path / "nope.mp4").error == "no such file"
 
 
 @pytest.mark.parametrize("name", [*SPECS, mf.CORRUPT_MIDDLE])
 def test_clip_count_and_shapes(media_zoo, name: str) -> None:
+    """Every good file yields exactly the documented clips, shaped per the contract."""
     path, expected = media_zoo[name]
     info = probe(path)
     moments = clip_moments(info.duration)
@@ -198,6 +204,7 @@ def test_read_moments_edges(media_zoo) -> None:
     "name", ["zero_bytes.mp4", "text.mp4", "random_bytes.mp4", "audio_only.mp4"]
 )
 def test_read_moments_bad_files(media_zoo, name: str) -> None:
+    """Undecodable files raise MediaError naming the file."""
     with pytest.raises(MediaError, match=name):
         list(read_moments(media_zoo[name][0], [Moment(0.5, 0.0)], AUDIO, VIDEO))
 
@@ -250,6 +257,7 @@ def test_decode_audio_formats(tmp_path, ext: str, tol: float) -> None:
 
 
 def test_decode_audio_soundtrack_and_errors(media_zoo) -> None:
+    """A video's 5.1 soundtrack decodes to the reference; files without audio are MediaErrors."""
     audio = decode_audio(media_zoo["audio51_8k.avi"][0], 16_000)
     ref = mf.mono_reference(np.arange(len(audio)) / 16_000, 6)
     assert rel_error(audio[:-800], ref[:-800]) < 0.01
@@ -259,6 +267,7 @@ def test_decode_audio_soundtrack_and_errors(media_zoo) -> None:
 
 
 def test_load_image(tmp_path) -> None:
+    """png/jpg queries are scaled like frames; non-images and missing files are MediaErrors."""
     rgb = np.zeros((100, 200, 3), dtype=np.uint8)
     rgb[:, :100] = (255, 0, 0)
     for ext in (".png", ".jpg"):

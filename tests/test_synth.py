@@ -46,6 +46,7 @@ def band_fraction(audio: np.ndarray, lo: float, hi: float) -> float:
 
 
 def test_corpus_layout_and_labels(small_corpus) -> None:
+    """The corpus holds the videos and one label per second of each."""
     labels = load_labels(small_corpus / LABELS_FILE)
     assert sorted(labels) == [f"video_{i:04d}.mp4" for i in range(SMALL_CORPUS.videos)]
     for name, per_second in labels.items():
@@ -69,6 +70,7 @@ def test_picture_and_sound_match_the_labels(small_corpus) -> None:
 
 
 def test_same_seed_same_corpus(tmp_path) -> None:
+    """Same seed: same labels and decoded media (1 or 2 workers); another seed differs."""
     a, b = make_corpus(tmp_path / "a", TINY, workers=1), make_corpus(tmp_path / "b", TINY)
     assert a.read_bytes() == b.read_bytes()
     for name in load_labels(a):
@@ -81,6 +83,7 @@ def test_same_seed_same_corpus(tmp_path) -> None:
 
 
 def test_webm_format(tmp_path) -> None:
+    """--format webm writes VP9 + Opus."""
     cfg = dataclasses.replace(TINY, videos=1, format="webm")
     labels = make_corpus(tmp_path, cfg, workers=1)
     info = probe(labels.parent / "video_0000.webm")
@@ -88,6 +91,7 @@ def test_webm_format(tmp_path) -> None:
 
 
 def test_bad_settings(tmp_path) -> None:
+    """Unknown formats and too few classes are user errors."""
     with pytest.raises(AvindexError, match="format"):
         make_corpus(tmp_path, dataclasses.replace(TINY, format="avi"))
     with pytest.raises(AvindexError, match="classes"):
@@ -95,6 +99,7 @@ def test_bad_settings(tmp_path) -> None:
 
 
 def test_load_labels_formats(tmp_path) -> None:
+    """Per-second and per-video label files load; clip_labels takes the clip centre."""
     per_video = tmp_path / "per_video.csv"
     per_video.write_text("video,label\na.mp4,dog\nb.mp4,cat\nc.mp4,dog\n")
     labels = load_labels(per_video)
@@ -115,6 +120,7 @@ def test_load_labels_formats(tmp_path) -> None:
 
 
 def test_cli_synth_and_probe(tmp_path, media_zoo) -> None:
+    """synth writes a corpus; probe lists good and bad files with exit code 0."""
     runner = CliRunner()
     out = tmp_path / "corpus"
     args = [
