@@ -224,3 +224,184 @@ def embed(
         print(json.dumps(report.to_dict(), indent=2))
     else:
         progress.summary(report, store)
+
+
+@app.command()
+def search(
+    store: str = typer.Argument(..., help="Indexed store (`avindex embed`, then `avindex index`)."),
+    audio: str = typer.Option(
+        None, "--audio", help="Sound query: any file FFmpeg decodes (wav, flac, mp3, a video)."
+    ),
+    image: str = typer.Option(None, "--image", help="Picture query (jpg, png, any size)."),
+    video: str = typer.Option(None, "--video", help="Video query: the clip starting at --at."),
+    at: float = typer.Option(None, "--at", help="With --video: clip start in seconds."),
+    clip: int = typer.Option(None, "--clip", help="Query by a stored clip id."),
+    vector: str = typer.Option(None, "--vector", help="Query by an embedding saved as .npy."),
+    by: str = typer.Option(
+        None,
+        "--by",
+        help="Which embedding of a --video/--clip/--vector query to use: visual (default) or "
+        "audio. --audio queries are audio, --image queries visual.",
+    ),
+    target: str = typer.Option(
+        None,
+        "--in",
+        help="Index searched: visual or audio. Default: the other modality (cross-modal: a sound "
+        "finds pictures, a picture finds sounds); the query's own modality = same-modality.",
+    ),
+    k: int = typer.Option(None, "-k", "--k", help="Results per query (default 10)."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON list, one entry a query."),
+    batch: str = typer.Option(
+        None,
+        "--batch",
+        help="File of many queries run in one call: one query's flags per line (e.g. "
+        '\'--video a.mp4 --at 12 --in audio\'), or a JSON list like [{"audio": "dog.wav"}]; '
+        "paths relative to the file. Bad queries are reported and skipped.",
+    ),
+    sheet: str = typer.Option(
+        None, "--sheet", help="Write a PNG contact sheet of each query and its result frames."
+    ),
+    model: str = typer.Option(
+        None,
+        "--model",
+        help="Checkpoint the store was embedded with (default: the one the store records).",
+    ),
+    device: str = typer.Option(None, help="auto | cpu | cuda (query encoding and faiss)."),
+) -> None:
+    """Search an indexed store with a sound, picture, video moment, clip or vector.
+
+    Prints rank, score, clip id, video, start time and whether the clip has audio.
+
+    Examples: avindex search store/ --audio bark.mp3 --sheet bark.png;
+    avindex search store/ --video a.mp4 --at 12 --by audio --in audio (what else sounds like
+    this moment?); avindex search store/ --batch queries.txt --json
+    """
+    import json
+
+    from avindex.config import SearchConfig, replace
+    from avindex.search import Searcher, make_query, parse_batch
+
+    fields = {"audio": audio, "image": image, "video": video, "vector": vector, "at": at}
+    fields.update({"clip": clip, "by": by, "in": target})
+    if batch is not None:
+        if any(fields[name] is not None for name in ("audio", "image", "video", "clip", "vector")):
+            raise AvindexError(
+                "--batch: give the queries in the file, not also on the command line"
+            )
+        if at is not None:
+            raise AvindexError("--at: goes with --video, inside the batch file")
+        queries = parse_batch(batch)
+        if not queries:
+            raise AvindexError(f"{batch}: no queries in the batch file")
+        defaults = {"by": by, "in": target}
+        queries = [_batch_default(q, defaults) for q in queries]
+    else:
+        queries = [make_query(fields)]
+    cfg = replace(SearchConfig(), k=k, device=device)
+    searcher = Searcher(store, model, cfg)
+    results = searcher.run(queries, cfg.k)
+    failed = [r for r in results if r.error is not None]
+    if batch is None and failed:
+        raise AvindexError(failed[0].error)
+    for note in searcher.notes():
+        print(f"note: {note}", file=sys.stderr)
+    for r in failed:
+        print(f"avindex: skipped query: {r.error}", file=sys.stderr)
+    if sheet is not None and len(failed) < len(results):
+        from avindex.sheet import write_sheet
+
+        write_sheet(results, sheet, searcher.audio_cfg, cfg.sheet_results)
+        print(f"contact sheet: {sheet}", file=sys.stderr)
+    if json_out:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        _print_results([r for r in results if r.error is None])
+    if len(failed) == len(results):
+        raise AvindexError(f"{batch}: none of the {len(results)} queries could be run")
+
+
+def _batch_default(query: object, defaults: dict[str, str | None]) -> object:
+    """Apply command-line --by/--in to batch queries that do not set their own."""
+    import dataclasses
+
+    from avindex.search import Query
+
+    if not isinstance(query, Query):
+        return query
+    changed = dataclasses.replace(
+        query,
+        by=query.by if query.by is not None else defaults["by"],
+        target=query.target if query.target is not None else defaults["in"],
+    )
+    try:
+        changed.check()
+    except AvindexError as exc:
+        return exc
+    return changed
+
+
+def _print_results(results: list) -> None:
+    """One table per query: rank, score, clip, video, t0, audio."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for r in results:
+        table = Table("rank", "score", "clip", "video", "t0 (s)", "audio", title_justify="left")
+        table.title = f"{r.description} -> {r.searched} index"
+        for h in r.hits:
+            has_audio = "yes" if h.has_audio else "no"
+            table.add_row(
+                str(h.rank), f"{h.score:.4f}", str(h.id), _short(h.path), f"{h.t0:g}", has_audio
+            )
+        console.print(table)
+        if not r.hits:
+            console.print("no results (empty index?)")
+
+
+@app.command("eval")
+def eval_command(
+    store: str = typer.Argument(..., help="Store directory written by `avindex embed`."),
+    labels: str = typer.Option(
+        ...,
+        help="CSV with a header: 'video,second,label' (class of every second, as `avindex synth` "
+        "writes; clip [t0,t0+1) takes second floor(t0+0.5)) or 'video,label' (one class per "
+        "video). Video paths relative to the CSV's folder, or absolute.",
+    ),
+    max_queries: int = typer.Option(
+        None, "--max-queries", help="Queries per direction; more clips are sampled (seeded)."
+    ),
+    seed: int = typer.Option(None, help="Seed of the query sample."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """R@1/R@5/R@10 and mAP of audio->visual, visual->audio, audio->audio and visual->visual
+    retrieval by class labels, each beside chance (exact search; the query clip itself never
+    counts in same-modality retrieval).
+
+    Example: avindex eval store/ --labels corpus/labels.csv
+    """
+    import json
+
+    from avindex.config import EvalConfig, replace
+    from avindex.evaluate import KS, evaluate
+
+    report = evaluate(store, labels, replace(EvalConfig(), max_queries=max_queries, seed=seed))
+    if json_out:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("direction", *(f"R@{k}" for k in KS), "mAP", "queries")
+    for name, r in report.results.items():
+        table.add_row(name, *(f"{r.recall[k]:.3f}" for k in KS), f"{r.mean_ap:.3f}", str(r.queries))
+        chance = [f"{r.chance_recall[k]:.3f}" for k in KS] + [f"{r.chance_map:.3f}", ""]
+        table.add_row("  chance", *chance, style="dim", end_section=True)
+    console = Console()
+    console.print(table)
+    console.print(
+        f"{report.clips} labelled clips ({report.audio_clips} with audio), {report.classes} "
+        f"classes, {report.unlabelled} clips without labels"
+    )
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)

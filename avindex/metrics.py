@@ -85,11 +85,13 @@ def retrieval(
     ks: tuple[int, ...] = (1, 5, 10),
     exclude_self: bool = False,
     metric: str = "cosine",
+    exclude: np.ndarray | None = None,
 ) -> Retrieval:
     """Rank the gallery for every query; an item is relevant when its label equals the query's.
 
     exclude_self: query i and gallery i are the same item (same-modality search), so gallery i is
-    left out of query i's ranking. metric: cosine (rows normalised first), ip, or l2.
+    left out of query i's ranking. exclude: the same for a sample of queries, the gallery row of
+    each query. metric: cosine (rows normalised first), ip, or l2.
     """
     import torch
 
@@ -101,19 +103,23 @@ def retrieval(
         g = torch.nn.functional.normalize(g, dim=1)
     ql = torch.as_tensor(np.asarray(query_labels))
     gl = torch.as_tensor(np.asarray(gallery_labels))
-    if exclude_self and q.shape[0] != g.shape[0]:
-        raise ValueError("exclude_self needs query and gallery to be the same items")
-    n_gallery = g.shape[0] - int(exclude_self)
+    if exclude_self:
+        if q.shape[0] != g.shape[0]:
+            raise ValueError("exclude_self needs query and gallery to be the same items")
+        exclude = np.arange(q.shape[0])
+    skip = torch.as_tensor(np.asarray(exclude, dtype=np.int64)) if exclude is not None else None
+    if skip is not None and skip.shape != (q.shape[0],):
+        raise ValueError(f"exclude has shape {tuple(skip.shape)}; expected ({q.shape[0]},)")
+    n_gallery = g.shape[0] - int(skip is not None)
     first_hit, ap, n_rel = [], [], []
     block = max(1, _BLOCK_ELEMENTS // max(1, g.shape[0]))
     for start in range(0, q.shape[0], block):
         stop = min(start + block, q.shape[0])
         scores = _scores(q[start:stop], g, metric)
-        if exclude_self:
-            rows = torch.arange(stop - start)
-            scores[rows, rows + start] = -math.inf
+        if skip is not None:
+            scores[torch.arange(stop - start), skip[start:stop]] = -math.inf
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-        if exclude_self:
+        if skip is not None:
             order = order[:, :n_gallery]  # the excluded item sorts last
         rel = gl[order] == ql[start:stop, None]
         hits = rel.cumsum(dim=1)
