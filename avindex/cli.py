@@ -347,7 +347,10 @@ def _print_results(results: list) -> None:
 
     console = Console()
     for r in results:
-        table = Table("rank", "score", "clip", "video", "t0 (s)", "audio", title_justify="left")
+        table = Table("rank", "score", "clip", title_justify="left")
+        table.add_column("video", overflow="fold")  # whole paths: users open these files
+        table.add_column("t0 (s)")
+        table.add_column("audio")
         table.title = f"{r.description} -> {r.searched} index"
         for h in r.hits:
             has_audio = "yes" if h.has_audio else "no"

@@ -419,7 +419,7 @@ class Searcher:
             vec = np.load(q.value, allow_pickle=False)
         except FileNotFoundError:
             raise AvindexError(f"{q.value}: no such file") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise AvindexError(f"{q.value}: not a .npy array ({exc})") from None
         dim = self.meta.dim(q.modality)
         if vec.dtype.kind not in "fiu" or vec.reshape(-1).shape != (dim,) or vec.ndim > 2:
