@@ -486,15 +486,32 @@ def update_index(
     return _write_info(store, entries, cfg)
 
 
+def _no_prefetch_threads(index: faiss.Index) -> None:
+    """Stop mapped inverted lists from starting prefetch threads on every search call.
+
+    OnDiskInvertedLists (what IO_FLAG_MMAP gives IVF indexes) launches up to 32 threads per
+    search: one query per call ran ~20x slower than in memory (measured ~1,000 vs ~22,000
+    queries/s, IVF1264,Flat nprobe 8, 100k x 128, 2 cores). The page cache prefetches anyway.
+    """
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    if isinstance(lists, faiss.OnDiskInvertedLists):
+        lists.prefetch_nthread = 0
+
+
 def _read_mmap(path: str) -> faiss.Index:
     """Read an index memory-mapped where faiss can (flat codes and inverted lists), else plainly."""
     import faiss
 
     for flags in (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC, faiss.IO_FLAG_MMAP, 0):
         try:
-            return faiss.read_index(path, flags)
+            index = faiss.read_index(path, flags)
         except RuntimeError:
             continue  # this index type cannot be mapped that way; try the next
+        _no_prefetch_threads(index)
+        return index
     raise AvindexError(f"{path}: cannot read the index; rebuild it with `avindex index`")
 
 
