@@ -227,6 +227,75 @@ def embed(
 
 
 @app.command()
+def train(
+    videos: list[str] = typer.Argument(..., help="Training videos or folders (recursive)."),
+    out: str = typer.Option(..., help="Run folder: last.pt, best.pt, metrics.jsonl."),
+    labels: str = typer.Option(
+        None, help="labels.csv (video,second,label): validation R@k by class, else by clip."
+    ),
+    head: str = typer.Option(None, help="contrastive | ave | l3 (default: contrastive)."),
+    width: float = typer.Option(None, help="Tower width multiplier (1.0 = paper)."),
+    small: bool = typer.Option(
+        None,
+        "--small/--full",
+        help="Narrow CPU preset (112 px frames, 2x pooled spectrogram, width 0.125) or the "
+        "paper's (224 px, width 1). Default: small without CUDA, full with it.",
+    ),
+    batch_size: int = typer.Option(None, help="AVC pairs per step (half positive)."),
+    lr: float = typer.Option(None, help="Adam learning rate."),
+    max_steps: int = typer.Option(None, help="Stop after this many steps (with a checkpoint)."),
+    time_limit: float = typer.Option(None, help="Stop after this many seconds (checkpointed)."),
+    checkpoint_every: int = typer.Option(None, help="Write last.pt every N steps."),
+    val_every: int = typer.Option(None, help="Validate (and maybe update best.pt) every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
+    device: str = typer.Option(None, help="auto | cpu | cuda."),
+    seed: int = typer.Option(None, help="Seed for weights, the validation split and sampling."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train L3-Net on audio-visual correspondence (self-supervised) from your videos.
+
+    Example: avindex train corpus/ --out run/ --labels corpus/labels.csv --time-limit 120
+    Data-parallel: torchrun --nproc-per-node N $(which avindex) train ... (one shard each).
+    """
+    import json
+
+    from avindex.devices import resolve_device
+    from avindex.train import preset, resume_train_config
+    from avindex.train import train as run_training
+
+    if small is None:
+        small = resolve_device(device or "auto") != "cuda"
+    overrides = {
+        "batch_size": batch_size,
+        "lr": lr,
+        "max_steps": max_steps,
+        "time_limit": time_limit,
+        "checkpoint_every": checkpoint_every,
+        "val_every": val_every,
+        "device": device,
+        "seed": seed,
+    }
+    model_cfg, audio_cfg, video_cfg, train_cfg = preset(small, head=head, width=width, **overrides)
+    if resume:
+        train_cfg = resume_train_config(out, **overrides) or train_cfg
+    result = run_training(
+        videos,
+        out,
+        model_cfg,
+        audio_cfg,
+        video_cfg,
+        train_cfg,
+        labels=labels,
+        resume=resume,
+        progress=not json_out,
+    )
+    if json_out:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    print(result.summary())
+
+
+@app.command()
 def search(
     store: str = typer.Argument(..., help="Indexed store (`avindex embed`, then `avindex index`)."),
     audio: str = typer.Option(

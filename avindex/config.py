@@ -71,7 +71,8 @@ class TrainConfig:
     volume_jitter: float = 0.1  # +/-10% (paper)
     brightness_jitter: float = 0.2
     saturation_jitter: float = 0.2
-    moments_per_video: int = 8  # random moments decoded per video visit (one sequential pass)
+    moments_per_video: int = 8  # random moments decoded per video visit (one sequential pass)...
+    moments_per_second: float = 2.0  # ...or more for long videos: a visit decodes up to its last
     shuffle_buffer: int = 512
     decode_workers: int = 2
     prefetch_batches: int = 2  # preprocessed batches waiting for the model
