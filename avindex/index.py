@@ -449,7 +449,11 @@ def update_index(
     modality: str = "both",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Add the shards not yet indexed, after the covered ones (their ids never change)."""
+    """Add the shards not yet indexed, after the covered ones (their ids never change).
+
+    Every modality in index.json is updated (index.json records one shard list for all), so
+    `modality` only checks that the named index exists.
+    """
     import faiss
 
     cfg = cfg or IndexConfig()
@@ -458,12 +462,12 @@ def update_index(
     covered = len(info["shards"])
     new = store.shard_names[covered:]
     entries = dict(info["modalities"])
-    wanted = [m for m in _modalities(modality) if m in entries]
-    if modality != "both" and not wanted:
+    missing = [m for m in _modalities(modality) if m not in entries and modality != "both"]
+    if missing:
         raise AvindexError(f"{store_dir}: no {modality} index to update; build it without --update")
     if not new:
         return info
-    for name in wanted:
+    for name in list(entries):
         started = time.perf_counter()
         entry = entries[name]
         index = faiss.read_index(str(_index_dir(store_dir) / entry["file"]))

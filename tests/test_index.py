@@ -209,6 +209,23 @@ def test_choose_factory_tiers() -> None:
         parse_size("lots")
 
 
+def test_tight_budget_builds_opq_ivf_pq(tmp_path: Path) -> None:
+    write_store(tmp_path, 10_000, 8, clips_per_video=5000)
+    cfg = IndexConfig(
+        exact_limit=100,
+        train_sample=2560,  # 10 points per PQ centroid: enough for a smoke test
+        recall_queries=100,
+        block_rows=1024,
+        max_memory=600_000,
+    )
+    entry = build_index(tmp_path, cfg, modality="visual")["modalities"]["visual"]
+    assert entry["factory"].startswith("OPQ4_8,") and entry["factory"].endswith(",PQ4")
+    assert entry["estimated_bytes"] <= cfg.max_memory
+    assert 0.0 < entry["recall_at_10"] <= 1.0  # lossy codes: measured and recorded, not promised
+    _, found = search_vectors(load_index(tmp_path, "visual", "cpu"), clustered(5, 8, seed=2), 10)
+    assert ((found >= 0) & (found < 10_000)).all()
+
+
 def test_missing_index_and_bad_factory_are_user_errors(tmp_path: Path) -> None:
     write_store(tmp_path, 300, 8)
     with pytest.raises(AvindexError, match="no index"):

@@ -246,3 +246,12 @@ def test_time_limit_flushes_a_shard(tmp_path: Path) -> None:
     writer.add_video(*fake_video(0, 3))
     assert len(Store(tmp_path).shards) == 1  # flushed without close()
     writer.close()
+
+
+def test_shard_of_failures_only_is_readable(tmp_path: Path) -> None:
+    with StoreWriter(tmp_path, make_meta()) as writer:
+        writer.add_failure(fake_video(0, 1)[0], "not a media file")
+    store = Store(tmp_path)
+    assert store.num_clips == 0 and len(store.shards) == 1
+    assert list(store.iter_blocks("visual")) == []
+    assert [e.status for e in store.videos().values()] == ["failed"]

@@ -1,0 +1,109 @@
+"""Index at scale: `auto` on N synthetic clustered stored vectors; recall, build time, peak RSS.
+
+Example: .venv/bin/python benchmarks/index_scale.py --n 1000000 --dim 128 --max-memory 4G
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from avindex.config import IndexConfig
+from avindex.index import build_index, load_index, parse_size, search_vectors
+from avindex.store import Store, StoreMeta, StoreWriter, VideoRecord
+
+CLIPS_PER_VIDEO = 10_000  # vectors generated and buffered at a time while writing the store
+
+
+def write_synthetic_store(store: Path, n: int, d: int, clusters: int, seed: int) -> None:
+    """n vectors around `clusters` random centres (clusters=0: plain Gaussian), in chunks."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((max(1, clusters), d)).astype(np.float32)
+    meta = StoreMeta(model_sha256=f"synthetic-{seed}", visual_dim=d, audio_dim=d, hop=1.0)
+    with StoreWriter(store, meta, shard_clips=100_000) as writer:
+        for v, start in enumerate(range(0, n, CLIPS_PER_VIDEO)):
+            m = min(CLIPS_PER_VIDEO, n - start)
+            noise = rng.standard_normal((m, d)).astype(np.float32)
+            x = noise if clusters == 0 else centers[rng.integers(0, clusters, m)] + 0.6 * noise
+            rec = VideoRecord(f"/synthetic/{v:06d}.mp4", m, 0.0, float(m))
+            t0 = np.arange(m, dtype=np.float64)
+            writer.add_video(rec, x, x, np.zeros(m, bool), t0)  # audio rows unused (no audio)
+
+
+def _build(store: str, max_memory: int, queue: mp.Queue) -> None:
+    """Child process: build with default settings (so its peak RSS is the build's alone)."""
+    start = time.perf_counter()
+    info = build_index(store, IndexConfig(max_memory=max_memory), modality="visual")
+    queue.put((info, time.perf_counter() - start))
+
+
+def search_rate(store: Path, nq: int = 2000, k: int = 10) -> float:
+    """Queries/s of the tuned index on stored vectors (one batched call)."""
+    s = Store(store)
+    ids = np.random.default_rng(1).choice(s.num_clips, nq, replace=False)
+    queries = s.vectors(np.sort(ids), "visual")
+    loaded = load_index(store, "visual", "cpu")
+    start = time.perf_counter()
+    search_vectors(loaded, queries, k)
+    return nq / (time.perf_counter() - start)
+
+
+def main() -> None:
+    """Write the store, build in a child process, print and save the numbers."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--clusters", type=int, default=1000, help="0 = unclustered Gaussian")
+    ap.add_argument("--max-memory", default="4G")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--store", help="store directory to (re)use; default: a temporary one")
+    ap.add_argument("--json", dest="json_out", help="write the results here")
+    args = ap.parse_args()
+    budget = parse_size(args.max_memory)
+    store = Path(args.store or tempfile.mkdtemp(prefix="avindex-scale-"))
+    try:
+        t = time.perf_counter()
+        if not list(store.glob("shard-*.h5")):
+            write_synthetic_store(store, args.n, args.dim, args.clusters, args.seed)
+        write_s = time.perf_counter() - t
+        queue: mp.Queue = mp.get_context("spawn").Queue()
+        child = mp.get_context("spawn").Process(target=_build, args=(str(store), budget, queue))
+        child.start()
+        info, build_s = queue.get()
+        child.join()
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+        entry = info["modalities"]["visual"]
+        result = {
+            "n": args.n,
+            "dim": args.dim,
+            "clusters": args.clusters,
+            "factory": entry["factory"],
+            "params": entry["params"],
+            "recall_at_10": entry["recall_at_10"],
+            "recall_queries": entry["recall_queries"],
+            "build_seconds": round(build_s, 1),
+            "store_write_seconds": round(write_s, 1),
+            "peak_rss_bytes": peak,
+            "max_memory_bytes": budget,
+            "peak_rss_within_budget": peak <= budget,
+            "estimated_index_bytes": entry["estimated_bytes"],
+            "search_queries_per_s": round(search_rate(store), 1),
+        }
+        print(json.dumps(result, indent=2))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(result, indent=2))
+    finally:
+        if not args.store:
+            shutil.rmtree(store, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
