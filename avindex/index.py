@@ -163,7 +163,8 @@ def _tune_param(index: faiss.Index) -> tuple[str | None, list[int]]:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         top = min(ivf.nlist, GPU_MAX_K)
-        return "nprobe", sorted({min(top, 1 << i) for i in range(12)})
+        # Steps of ~1.4x rather than 2x: near the target, doubling can overshoot by a lot.
+        return "nprobe", sorted({min(top, v) for i in range(12) for v in (1 << i, (3 << i) // 2)})
     if "HNSW" in type(faiss.downcast_index(_base(index))).__name__:
         return "efSearch", [16, 32, 64, 128, 256, 512, 1024, 2048]
     return None, []
