@@ -455,25 +455,52 @@ def eval_command(
     import json
 
     from avindex.config import EvalConfig, replace
-    from avindex.evaluate import KS, evaluate
+    from avindex.evaluate import evaluate, print_report
 
     report = evaluate(store, labels, replace(EvalConfig(), max_queries=max_queries, seed=seed))
     if json_out:
         print(json.dumps(report.to_dict(), indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
+    else:
+        print_report(report)
 
-    table = Table("direction", *(f"R@{k}" for k in KS), "mAP", "queries")
-    for name, r in report.results.items():
-        table.add_row(name, *(f"{r.recall[k]:.3f}" for k in KS), f"{r.mean_ap:.3f}", str(r.queries))
-        chance = [f"{r.chance_recall[k]:.3f}" for k in KS] + [f"{r.chance_map:.3f}", ""]
-        table.add_row("  chance", *chance, style="dim", end_section=True)
-    console = Console()
-    console.print(table)
-    console.print(
-        f"{report.clips} labelled clips ({report.audio_clips} with audio), {report.classes} "
-        f"classes, {report.unlabelled} clips without labels"
+
+@app.command()
+def demo(
+    out: str = typer.Option(None, help="Folder for everything the demo writes."),
+    train_seconds: float = typer.Option(None, help="Training time budget in seconds."),
+    videos: int = typer.Option(None, help="Synthetic videos in the corpus."),
+    seed: int = typer.Option(None, help="Corpus seed."),
+    device: str = typer.Option(None, help="auto | cpu | cuda."),
+) -> None:
+    """The whole tool on a synthetic corpus: synth -> train -> embed -> index -> search -> eval.
+
+    Example: avindex demo --out avindex-demo
+    """
+    from avindex.config import DemoConfig, replace
+    from avindex.demo import run_demo
+    from avindex.evaluate import print_report
+
+    base = DemoConfig()
+    cfg = replace(
+        base,
+        out=out,
+        train_seconds=train_seconds,
+        device=device,
+        corpus=replace(base.corpus, videos=videos, seed=seed),
     )
-    for note in report.notes:
-        console.print(f"note: {note}", highlight=False)
+    report = run_demo(cfg)
+    if report.eval is not None:
+        print_report(report.eval)
+    print(f"\nEverything is in {report.out}:")
+    for name, what in (
+        ("corpus", "synthetic videos + labels.csv"),
+        ("queries", "held-out video and the query sounds/pictures cut from it"),
+        ("run", "checkpoints (best.pt, last.pt) and metrics.jsonl"),
+        ("store", "embeddings (shard-*.h5) and the faiss index (index/)"),
+        ("demo.json", "stage times, training, query and eval results"),
+    ):
+        print(f"  {report.out / name}: {what}")
+    for sheet in report.sheets:
+        print(f"  {sheet}: contact sheet")
+    total = sum(report.seconds.values())
+    print(f"demo finished in {total:.0f} s")

@@ -189,12 +189,27 @@ SMALL_VIDEO = VideoConfig(resize_shorter=128, crop=112)
 SMALL_MODEL = ModelConfig(width=0.125, spec_pool=2)
 SMALL_TRAIN = TrainConfig(batch_size=32, lr=1e-3)
 
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`avindex demo`: corpus, training time and queries (about 5 minutes on 2 CPU cores)."""
+
+    out: str = "avindex-demo"
+    corpus: SynthConfig = SynthConfig(videos=32, seconds=16, classes=8, seed=7)
+    train_seconds: float = 150.0
+    queries_per_kind: int = 3  # held-out sounds and pictures of different classes
+    query_sample_rate: int = 16_000  # the sound queries are 16 kHz stereo wav: any rate works
+    k: int = 5
+    device: str = "auto"
+
+
 __all__ = [
     "SMALL_MODEL",
     "SMALL_TRAIN",
     "SMALL_VIDEO",
     "AudioConfig",
     "BenchConfig",
+    "DemoConfig",
     "EmbedConfig",
     "EvalConfig",
     "IndexConfig",

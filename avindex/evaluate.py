@@ -165,4 +165,32 @@ def evaluate(
     return report
 
 
-__all__ = ["DIRECTIONS", "EvalReport", "Gallery", "evaluate", "labelled_gallery", "video_labels"]
+__all__ = [
+    "DIRECTIONS",
+    "EvalReport",
+    "Gallery",
+    "evaluate",
+    "labelled_gallery",
+    "print_report",
+    "video_labels",
+]
+
+
+def print_report(report: EvalReport) -> None:
+    """The eval table (each direction above its chance row) and coverage notes, on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("direction", *(f"R@{k}" for k in KS), "mAP", "queries")
+    for name, r in report.results.items():
+        table.add_row(name, *(f"{r.recall[k]:.3f}" for k in KS), f"{r.mean_ap:.3f}", str(r.queries))
+        chance = [f"{r.chance_recall[k]:.3f}" for k in KS] + [f"{r.chance_map:.3f}", ""]
+        table.add_row("  chance", *chance, style="dim", end_section=True)
+    console = Console()
+    console.print(table)
+    console.print(
+        f"{report.clips} labelled clips ({report.audio_clips} with audio), {report.classes} "
+        f"classes, {report.unlabelled} clips without labels"
+    )
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)
