@@ -151,6 +151,28 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class BenchConfig:
+    """`avindex bench`: corpus, model width, batch sweep, repeats and index sizes (a few minutes
+    on 2 CPU cores by default)."""
+
+    videos: int = 8  # synthetic corpus (SynthConfig look) when no folder is given
+    seconds: int = 20
+    size: tuple[int, int] = (128, 96)  # synthetic frame size (width, height)
+    width: float | None = None  # tower width; None: 0.125 (small preset) on CPU, 1.0 on CUDA
+    batch_sizes: tuple[int, ...] = (1, 8, 64)  # model sweep (the embed batch size is added)
+    repeats: int = 2  # each rate is the best of this many runs (shared machines are noisy)
+    min_seconds: float = 1.0  # each model/front-end timing runs at least this long
+    naive_videos: int = 2  # the naive pipeline is slow: it embeds this many of the videos
+    train_steps: int = 10  # timed steps, after a few warm-up steps
+    train_batch: int | None = None  # None: the training preset's batch size
+    index_vectors: int = 100_000  # synthetic clustered vectors for index build and search
+    index_dim: int = 128
+    queries: int = 2_000  # search queries per batched call (100 of them also one per call)
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
 class SynthConfig:
     """Synthetic corpus: `videos` videos of `seconds` s, segments of one of `classes` events."""
 

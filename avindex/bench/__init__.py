@@ -1,0 +1,1 @@
+"""`avindex bench`: every stage measured against its bound and a naive baseline in one run."""

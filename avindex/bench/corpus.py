@@ -1,0 +1,85 @@
+"""What the benchmarks run on: a synthetic corpus (or the user's folder), probed once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avindex.config import AudioConfig, BenchConfig, SynthConfig
+from avindex.errors import AvindexError
+
+
+@dataclass
+class Corpus:
+    """Usable videos with their durations, and where they came from."""
+
+    paths: list[Path]
+    durations: list[float]
+    source: str  # 'synth' or the folder given
+    describe: dict[str, Any]
+
+    @property
+    def seconds(self) -> float:
+        """Total video duration."""
+        return float(sum(self.durations))
+
+
+def synth_config(cfg: BenchConfig) -> SynthConfig:
+    """The synthetic corpus a bench run makes when no folder is given."""
+    return SynthConfig(
+        videos=cfg.videos, seconds=cfg.seconds, seed=cfg.seed, width=cfg.size[0], height=cfg.size[1]
+    )
+
+
+def bench_corpus(videos: str | Path | None, cfg: BenchConfig, workdir: Path) -> Corpus:
+    """Probe the videos under `videos`, or synthesise a corpus in `workdir` when it is None."""
+    from avindex.media import probe
+    from avindex.scan import find_media
+    from avindex.synth import make_corpus
+
+    if videos is None:
+        make_corpus(workdir / "corpus", synth_config(cfg))
+        paths, source = find_media([workdir / "corpus"]), "synth"
+    else:
+        paths, source = find_media([videos]), str(videos)
+    infos = [probe(p, clip_seconds=AudioConfig().clip_seconds) for p in paths]
+    good = [(p, i) for p, i in zip(paths, infos, strict=True) if i.usable]
+    if not good:
+        raise AvindexError(f"{source}: no usable videos to benchmark; pass a folder of videos")
+    first = good[0][1]
+    describe = {
+        "videos": len(good),
+        "unusable": len(paths) - len(good),
+        "seconds": round(sum(i.duration for _, i in good), 2),
+        "video_codecs": sorted({i.video_codec for _, i in good}),
+        "sizes": sorted({f"{i.width}x{i.height}" for _, i in good}),
+        "fps": first.avg_fps,
+        "audio": f"{first.audio_codec} {first.sample_rate} Hz {first.channels} ch",
+    }
+    return Corpus([p for p, _ in good], [float(i.duration) for _, i in good], source, describe)
+
+
+def clustered_vectors(n: int, d: int, seed: int, clusters: int = 256) -> np.ndarray:
+    """n float32 vectors around random centres: structure like real embeddings, cheap to make."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d)).astype(np.float32)
+    noise = rng.standard_normal((n, d)).astype(np.float32)
+    return centres[rng.integers(0, clusters, n)] + 0.6 * noise
+
+
+def write_vector_store(store: Path, vectors: np.ndarray, rows_per_video: int = 10_000) -> None:
+    """A store whose visual rows are `vectors` (as if embedded), for index benchmarks."""
+    from avindex.store import StoreMeta, StoreWriter, VideoRecord
+
+    n, d = vectors.shape
+    meta = StoreMeta(model_sha256="bench-synthetic", visual_dim=d, audio_dim=d, hop=1.0)
+    with StoreWriter(store, meta, shard_clips=max(n, 1)) as writer:
+        for v, start in enumerate(range(0, n, rows_per_video)):
+            rows = vectors[start : start + rows_per_video]
+            m = len(rows)
+            record = VideoRecord(f"/bench/{v:06d}.mp4", m, 0.0, float(m))
+            t0 = np.arange(m, dtype=np.float64)
+            writer.add_video(record, rows, rows, np.zeros(m, bool), t0)

@@ -1,0 +1,154 @@
+"""Run the chosen bench stages (with the baselines they are compared against) in one process."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from avindex.config import BenchConfig, EmbedConfig, replace, to_dict
+from avindex.errors import AvindexError
+
+STAGES = ("decode", "frontend", "model", "embed", "train", "index", "search")
+# A stage's comparisons need these measured in the same run.
+NEEDS = {"embed": ("decode", "model", "naive"), "search": ("index",)}
+MEDIA_STAGES = {"decode", "frontend", "embed", "naive", "train"}
+
+
+def parse_stages(text: str | None) -> list[str]:
+    """'decode,model' -> the stages to run, with the ones they depend on, in STAGES order."""
+    wanted = set(STAGES) if not text else {s.strip() for s in text.split(",") if s.strip()}
+    unknown = wanted - set(STAGES)
+    if unknown:
+        raise AvindexError(
+            f"--stage {','.join(sorted(unknown))}: unknown; choose from {','.join(STAGES)}"
+        )
+    for stage in list(wanted):
+        wanted.update(NEEDS.get(stage, ()))
+    return [s for s in (*STAGES[:4], "naive", *STAGES[4:]) if s in wanted]
+
+
+def run_bench(
+    stages: Sequence[str],
+    videos: str | Path | None,
+    cfg: BenchConfig,
+    embed_cfg: EmbedConfig | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    command: str = "",
+) -> dict[str, Any]:
+    """Measure `stages` (from parse_stages) on `videos` or a synthetic corpus; returns the result
+    dict (machine, config, corpus, raw stage numbers, rows with ratios, checked targets)."""
+    from avindex.bench.measure import machine
+    from avindex.bench.report import assess
+    from avindex.devices import resolve_device
+    from avindex.model import random_checkpoint
+
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    width = cfg.width or (1.0 if device == "cuda" else 0.125)
+    embed_cfg = replace(embed_cfg or EmbedConfig(), device=device)
+    checkpoint = random_checkpoint(width, cfg.seed, device=device)
+    result: dict[str, Any] = {
+        "schema": 1,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "machine": machine(device),
+        "config": {"bench": to_dict(cfg), "embed": to_dict(embed_cfg), "width": width},
+        "stages": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="avindex-bench-") as tmp:
+        work = Path(tmp)
+        corpus = None
+        if MEDIA_STAGES & set(stages):
+            if on_stage:
+                on_stage("corpus")
+            from avindex.bench.corpus import bench_corpus
+
+            corpus = bench_corpus(videos, cfg, work)
+            result["corpus"] = {"source": corpus.source, **corpus.describe}
+        for stage in stages:
+            if stage == "search":
+                continue  # measured with the index (same store and raw faiss index)
+            if on_stage:
+                on_stage(stage)
+            stage_started = time.perf_counter()
+            measured = _run_stage(stage, corpus, checkpoint, cfg, embed_cfg, device, work)
+            for entry in measured.values():
+                entry.setdefault("bench_seconds", time.perf_counter() - stage_started)
+            result["stages"].update(measured)
+    rows, targets = assess(result["stages"])
+    result["rows"] = [r.to_dict() for r in rows]
+    result["targets"] = [t.to_dict() for t in targets]
+    result["elapsed_seconds"] = time.perf_counter() - started
+    return result
+
+
+def _run_stage(
+    stage: str,
+    corpus: Any,
+    checkpoint: Any,
+    cfg: BenchConfig,
+    embed_cfg: EmbedConfig,
+    device: str,
+    work: Path,
+) -> dict[str, Any]:
+    """One stage's raw numbers, keyed by stage name (decode on CUDA adds 'nvdec')."""
+    acfg, vcfg = checkpoint.audio_cfg, checkpoint.video_cfg
+    if stage == "decode":
+        from avindex.bench.decode import decode_bench
+
+        out = {
+            "decode": decode_bench(
+                corpus.paths, corpus.durations, acfg, vcfg, embed_cfg, cfg.repeats
+            )
+        }
+        if device == "cuda":
+            out["nvdec"] = _nvdec(corpus, acfg, vcfg, embed_cfg.hop)
+        return out
+    if stage == "frontend":
+        from avindex.bench.frontend import frontend_bench
+
+        batch = embed_cfg.batch_size
+        args = (acfg, vcfg, batch, device, cfg.min_seconds, cfg.repeats)
+        return {"frontend": frontend_bench(corpus.paths[0], *args)}
+    if stage == "model":
+        from avindex.bench.towers import tower_bench
+
+        batches = (*cfg.batch_sizes, embed_cfg.batch_size)
+        args = (batches, cfg.min_seconds, cfg.repeats, cfg.seed)
+        return {"model": tower_bench(checkpoint, device, *args)}
+    if stage == "naive":
+        from avindex.bench.naive import naive_bench
+
+        n = max(1, cfg.naive_videos)
+        args = (embed_cfg.hop, cfg.repeats)
+        return {"naive": naive_bench(corpus.paths[:n], corpus.durations[:n], checkpoint, *args)}
+    if stage == "embed":
+        from avindex.bench.pipeline import embed_bench
+
+        return {"embed": embed_bench(corpus.paths, checkpoint, embed_cfg, work, cfg.repeats)}
+    if stage == "train":
+        from avindex.bench.pipeline import train_bench
+
+        args = (checkpoint.model_cfg.width, device, cfg.train_steps, cfg.seed, cfg.train_batch)
+        return {"train": train_bench(corpus.paths, work, *args)}
+    from avindex.bench.indexing import index_bench
+
+    args = (cfg.index_vectors, cfg.index_dim, cfg.queries, cfg.seed, cfg.repeats, cfg.min_seconds)
+    return {"index": index_bench(work, *args)}
+
+
+def _nvdec(corpus: Any, acfg: Any, vcfg: Any, hop: float) -> dict[str, Any]:
+    """NVDEC bounds on the corpus, or the reason they could not run (no GPU DALI build...)."""
+    from avindex.bench.gpu import nvdec_bench
+    from avindex.media import probe
+
+    infos = [probe(p) for p in corpus.paths]
+    sizes = [(i.n_frames or 0, i.width or 0, i.height or 0) for i in infos]
+    try:
+        return nvdec_bench(corpus.paths, corpus.durations, sizes, acfg, vcfg, hop)
+    except Exception as exc:  # reported in the result; the other stages still measure
+        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
