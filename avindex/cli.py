@@ -504,3 +504,48 @@ def demo(
         print(f"  {sheet}: contact sheet")
     total = sum(report.seconds.values())
     print(f"demo finished in {total:.0f} s")
+
+
+@app.command()
+def bench(
+    stage: str = typer.Option(
+        None, help="Comma-separated stages: decode,frontend,model,embed,train,index,search (all)."
+    ),
+    videos: str = typer.Option(None, help="Benchmark these videos (default: a synthetic corpus)."),
+    json_out: str = typer.Option(None, "--json", help="Write the full results as JSON here."),
+    plot: str = typer.Option(None, help="Write a PNG plot of the results here."),
+    device: str = typer.Option(None, help="auto | cpu | cuda."),
+    width: float = typer.Option(None, help="Tower width (default 0.125 on CPU, 1.0 on CUDA)."),
+    repeats: int = typer.Option(None, help="Best of this many runs per measurement."),
+    batch_size: int = typer.Option(None, help="embed batch size (clips per model batch)."),
+    workers: int = typer.Option(None, help="embed background decoder threads."),
+) -> None:
+    """Measure every stage against its bound and a naive baseline, in one run, with targets.
+
+    Example: avindex bench --json bench-out/results.json --plot bench-out/results.png
+    """
+    import shlex
+
+    from rich.console import Console
+
+    from avindex.bench.report import print_table, write_json, write_plot
+    from avindex.bench.runner import parse_stages, run_bench
+    from avindex.config import BenchConfig, EmbedConfig, replace
+
+    cfg = replace(BenchConfig(), device=device, width=width, repeats=repeats)
+    embed_cfg = replace(EmbedConfig(), batch_size=batch_size, decode_workers=workers)
+    err = Console(stderr=True)
+    with err.status("bench") as status:
+        result = run_bench(
+            parse_stages(stage),
+            videos,
+            cfg,
+            embed_cfg,
+            on_stage=lambda name: status.update(f"bench: {name}"),
+            command="avindex " + shlex.join(sys.argv[1:]),
+        )
+    print_table(result)
+    if json_out:
+        write_json(result, json_out)
+    if plot:
+        write_plot(result, plot)
