@@ -191,6 +191,7 @@ def assess(stages: dict[str, Any]) -> tuple[list[Row], list[Target]]:
     """Rows and checked targets for whatever stages were measured."""
     rows: list[Row] = []
     targets: list[Target] = []
+    stages = {name: entry for name, entry in stages.items() if "error" not in entry}
     if decode := stages.get("decode"):
         rows.append(
             Row(
@@ -206,7 +207,7 @@ def assess(stages: dict[str, Any]) -> tuple[list[Row], list[Target]]:
                 ),
             )
         )
-    if (nvdec := stages.get("nvdec")) and "error" not in nvdec:
+    if nvdec := stages.get("nvdec"):
         note = f"{nvdec['frames_per_s']:.0f} frames/s ({nvdec['device']})"
         rows.append(
             Row("decode", "NVDEC decode-only", nvdec["video_s_per_s"], "video s/s", note=note)

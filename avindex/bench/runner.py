@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -11,6 +12,8 @@ from typing import Any
 
 from avindex.config import BenchConfig, EmbedConfig, replace, to_dict
 from avindex.errors import AvindexError
+
+log = logging.getLogger(__name__)
 
 STAGES = ("decode", "frontend", "model", "embed", "train", "index", "search")
 # A stage's comparisons need these measured in the same run.
@@ -75,7 +78,11 @@ def run_bench(
             if on_stage:
                 on_stage(stage)
             stage_started = time.perf_counter()
-            measured = _run_stage(stage, corpus, checkpoint, cfg, embed_cfg, device, work)
+            try:
+                measured = _run_stage(stage, corpus, checkpoint, cfg, embed_cfg, device, work)
+            except Exception as exc:  # recorded and reported; the other stages still measure
+                log.exception("bench stage %s failed", stage)
+                measured = {stage: {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}}
             for entry in measured.values():
                 entry.setdefault("bench_seconds", time.perf_counter() - stage_started)
             result["stages"].update(measured)

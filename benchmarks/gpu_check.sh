@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# One prepared GPU check (H100/H200 class, no network): install the carried wheels, run the
+# `gpu`-marked tests and the GPU benchmarks, write JSON + a log to $OUT, in under 8 minutes.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh          # on the GPU machine, from the repo root
+#   OUT=/tmp/gc DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
+#                                                       # dry run of the script on a CPU machine
+#
+# Wheels come from .whl/ (av, faiss-cpu, DALI's dependencies); DALI itself as the parts
+# .whl/dali.tar.xz.part* of a tar.xz of the unpacked wheel (nvidia/ + its dist-info). Each
+# section is wrapped: a failure is logged and the next section still runs.
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu-check-out}
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+QUICK=${QUICK:-0}              # 1: tiny corpora (for a dry run of the script itself)
+BUDGET=${BUDGET:-450}          # seconds for everything; each section gets what is left
+SITE=${SITE:-/tmp/avindex-site}
+DALI_SITE=${DALI_SITE:-/tmp/avindex-dali}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+START=$(date +%s)
+exec > >(tee -a "$LOG") 2>&1
+
+log() { echo "+ [$(( $(date +%s) - START ))s] $*"; }
+
+# section NAME MAX_SECONDS CMD...: run CMD with a timeout of min(MAX, time left - 15 s).
+section() {
+    local name=$1 max=$2; shift 2
+    local left=$(( BUDGET - ($(date +%s) - START) - 15 ))
+    local limit=$(( max < left ? max : left ))
+    if (( limit < 10 )); then log "SKIP $name: out of time"; echo "$name skipped (time)" >> "$OUT/summary.txt"; return; fi
+    log "BEGIN $name (limit ${limit}s): $*"
+    local t0=$(date +%s) rc=0
+    timeout --kill-after=5 "$limit" "$@" || rc=$?
+    local took=$(( $(date +%s) - t0 ))
+    if (( rc == 0 )); then status=ok; elif (( rc == 124 || rc == 137 )); then status=TIMEOUT; else status="FAILED rc=$rc"; fi
+    log "END $name: $status after ${took}s"
+    echo "$name: $status (${took}s)" >> "$OUT/summary.txt"
+}
+
+# The CLI without installing the package (timeout needs a command, not a shell function).
+AVINDEX=("$PYTHON" -c 'import sys; sys.argv[0] = "avindex"; from avindex.cli import main; main()')
+
+install_wheels() {
+    local wheels=()
+    for w in .whl/*.whl; do
+        case "$w" in *nvidia_dali*) ;; *) [ -e "$w" ] && wheels+=("$w") ;; esac
+    done
+    if (( ${#wheels[@]} == 0 )); then echo "no wheels in .whl/ (using what is installed)"; return 0; fi
+    local pip=("$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir
+               --upgrade --target "$SITE")
+    "${pip[@]}" "${wheels[@]}" && return 0
+    echo "installing the wheels together failed; trying one by one"
+    for w in "${wheels[@]}"; do "${pip[@]}" "$w" || echo "SKIPPED wheel $w"; done
+}
+
+unpack_dali() {
+    # Parts in numeric order; a missing or short part fails the xz/tar check, and the GPU DALI
+    # parts are then skipped with a clear message (the other sections still run).
+    local parts
+    parts=$(ls .whl/dali.tar.xz.part* 2>/dev/null | sort -V)
+    if [ -z "$parts" ]; then echo "DALI: no .whl/dali.tar.xz.part* here; DALI GPU parts will be skipped"; return 0; fi
+    echo "DALI: joining $(echo "$parts" | wc -l) parts"
+    # shellcheck disable=SC2086
+    "$PYTHON" - "$DALI_SITE" $parts <<'PY'
+import io, sys, tarfile, time
+site, parts = sys.argv[1], sys.argv[2:]
+
+class Joined(io.RawIOBase):
+    """The parts read one after the other, as one stream (no joined copy on disk)."""
+    def __init__(self, paths):
+        self.files = [open(p, "rb") for p in paths]
+    def readable(self):
+        return True
+    def readinto(self, buf):
+        while self.files:
+            n = self.files[0].readinto(buf)
+            if n:
+                return n
+            self.files.pop(0).close()
+        return 0
+
+started = time.time()
+try:
+    with tarfile.open(fileobj=io.BufferedReader(Joined(parts), 1 << 20), mode="r|xz") as tar:
+        tar.extractall(site, filter="tar") if sys.version_info >= (3, 12) else tar.extractall(site)
+except (EOFError, tarfile.TarError, OSError) as exc:
+    sys.exit(f"DALI: could not unpack the parts ({type(exc).__name__}: {exc}); incomplete parts?")
+print(f"DALI: unpacked into {site} in {time.time() - started:.0f} s")
+PY
+}
+
+setup() {
+    install_wheels
+    export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    if unpack_dali && [ -d "$DALI_SITE/nvidia" ]; then export PYTHONPATH="$DALI_SITE:$PYTHONPATH"; fi
+    "$PYTHON" - <<'PY'
+import importlib
+for name in ("torch", "av", "faiss", "nvidia.dali", "h5py", "typer", "rich", "matplotlib"):
+    try:
+        m = importlib.import_module(name)
+        print(f"{name} {getattr(m, '__version__', '?')}")
+    except Exception as exc:
+        print(f"{name} MISSING ({type(exc).__name__}: {exc})")
+import torch
+print("cuda", torch.cuda.is_available(), torch.version.cuda,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+PY
+}
+
+dali_gpu_ok() {
+    "$PYTHON" -c 'import torch, nvidia.dali.backend as b; assert torch.cuda.is_available(); b.GetCudaVersion()' 2>/dev/null
+}
+
+log "avindex gpu check: OUT=$OUT DEVICE=$DEVICE QUICK=$QUICK BUDGET=${BUDGET}s"
+(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv) || echo "no nvidia-smi"
+: > "$OUT/summary.txt"
+# setup exports PYTHONPATH, so it runs in this shell (with its own time check).
+log "BEGIN setup"
+if setup; then echo "setup: ok ($(( $(date +%s) - START ))s)" >> "$OUT/summary.txt"; else echo "setup: FAILED" >> "$OUT/summary.txt"; fi
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+log "END setup: PYTHONPATH=$PYTHONPATH"
+
+if dali_gpu_ok; then log "DALI GPU: available"; else log "DALI GPU: NOT available: DALI GPU tests skip and the NVDEC bound reports an error"; fi
+
+section gpu-tests 150 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" tests
+
+if [ "$QUICK" = 1 ]; then SECS=3; NV=2; S720=320x180; S1080=480x270; else SECS=10; NV=4; S720=1280x720; S1080=1920x1080; fi
+CORPUS=${CORPUS:-/tmp/avindex-gpu-corpus}
+section synth-720p 90 "${AVINDEX[@]}" synth "$CORPUS/720p" --videos $NV --seconds $SECS --size $S720 --fps 30 --seed 1
+section synth-1080p 90 "${AVINDEX[@]}" synth "$CORPUS/1080p" --videos $NV --seconds $SECS --size $S1080 --fps 30 --seed 2
+
+# 720p: decode bounds (PyAV CPU and NVDEC), bf16 full-width towers, end-to-end embed + naive.
+section bench-720p 150 "${AVINDEX[@]}" bench --device "$DEVICE" --repeats 1 --videos "$CORPUS/720p" \
+    --stage decode,model,embed --json "$OUT/bench_720p.json" --plot "$OUT/bench_720p.png"
+section bench-1080p 60 "${AVINDEX[@]}" bench --device "$DEVICE" --repeats 1 --videos "$CORPUS/1080p" \
+    --stage decode --json "$OUT/bench_1080p.json"
+# Front end on the GPU, training, and faiss (CPU faiss on all cores: no faiss-gpu here).
+section bench-train-search 150 "${AVINDEX[@]}" bench --device "$DEVICE" --repeats 1 \
+    --stage frontend,train,index,search --json "$OUT/bench_train_search.json"
+
+log "done in $(( $(date +%s) - START ))s"
+cat "$OUT/summary.txt"
