@@ -549,3 +549,5 @@ def bench(
         write_json(result, json_out)
     if plot:
         write_plot(result, plot)
+    if any("error" in entry for entry in result["stages"].values()):
+        raise typer.Exit(1)
