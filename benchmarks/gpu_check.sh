@@ -88,6 +88,11 @@ try:
         tar.extractall(site, filter="tar") if sys.version_info >= (3, 12) else tar.extractall(site)
 except (EOFError, tarfile.TarError, OSError) as exc:
     sys.exit(f"DALI: could not unpack the parts ({type(exc).__name__}: {exc}); incomplete parts?")
+# If the machine's site-packages holds a regular `nvidia` package (an nvidia/__init__.py from the
+# CUDA wheels), it would hide this namespace portion: make ours a regular package that extends
+# its path over every `nvidia` folder on sys.path, so nvidia.dali and the CUDA libraries both load.
+with open(f"{site}/nvidia/__init__.py", "w") as fh:
+    fh.write("from pkgutil import extend_path\n\n__path__ = extend_path(__path__, __name__)\n")
 print(f"DALI: unpacked into {site} in {time.time() - started:.0f} s")
 PY
 }
