@@ -248,6 +248,7 @@ def train(
     checkpoint_every: int = typer.Option(None, help="Write last.pt every N steps."),
     val_every: int = typer.Option(None, help="Validate (and maybe update best.pt) every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an OUT with a run."),
     device: str = typer.Option(None, help="auto | cpu | cuda."),
     seed: int = typer.Option(None, help="Seed for weights, the validation split and sampling."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -288,6 +289,7 @@ def train(
         labels=labels,
         resume=resume,
         progress=not json_out,
+        overwrite=overwrite,
     )
     if json_out:
         print(json.dumps(result.to_dict(), indent=2))

@@ -169,9 +169,9 @@ class ContrastiveHead(nn.Module):
         self.visual = Projection(in_dim, embed_dim)
         self.audio = Projection(in_dim, embed_dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        # AVC threshold on the cosine similarity: a running midpoint between the mean similarity
-        # of positive and negative pairs. A learned bias would need thousands of Adam steps to
-        # follow the similarities as they spread, and would push gradients into the embeddings.
+        # AVC threshold on the cosine similarity: a running average of each training batch's
+        # most accurate threshold. A learned bias would need thousands of Adam steps to follow
+        # the similarities as they spread, and would push gradients into the embeddings.
         self.register_buffer("threshold", torch.tensor(0.0))
         self.register_buffer("calibrated", torch.tensor(False))
         self.momentum = 0.9
@@ -208,15 +208,29 @@ class ContrastiveHead(nn.Module):
 
     @torch.no_grad()
     def _track_threshold(self, sim: torch.Tensor, pos: torch.Tensor) -> None:
-        """Move the threshold towards the midpoint of positive and negative mean similarity."""
+        """Move the threshold towards the one that classifies this batch best."""
         if not (pos.any() and (~pos).any()):
             return
-        mid = 0.5 * (sim[pos].mean() + sim[~pos].mean())
+        best = best_threshold(sim, pos)
         if not bool(self.calibrated):
-            self.threshold.copy_(mid)
+            self.threshold.copy_(best)
             self.calibrated.fill_(True)
         else:
-            self.threshold.mul_(self.momentum).add_((1 - self.momentum) * mid)
+            self.threshold.mul_(self.momentum).add_((1 - self.momentum) * best)
+
+
+def best_threshold(scores: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Threshold t maximising the accuracy of 'positive iff score > t' (midway between the two
+    scores at the best split; O(B log B))."""
+    order = torch.argsort(scores)
+    s, p = scores[order].float(), pos[order].float()
+    # Split before index i: items [0, i) called negative, [i, B) positive.
+    neg_below = torch.cat([p.new_zeros(1), torch.cumsum(1 - p, 0)])
+    pos_above = torch.cat([p.new_zeros(1), torch.cumsum(p.flip(0), 0)]).flip(0)
+    i = int(torch.argmax(neg_below + pos_above))
+    lo = s[i - 1] if i > 0 else s[0] - 1e-3
+    hi = s[i] if i < len(s) else s[-1] + 1e-3
+    return 0.5 * (lo + hi)
 
 
 class L3Net(nn.Module):

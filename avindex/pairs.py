@@ -7,7 +7,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,7 +51,6 @@ class Batch:
     frames: torch.Tensor
     specs: torch.Tensor
     labels: torch.Tensor
-    fresh: int  # decoded moments this batch used (its size: every moment is used once)
 
 
 def usable_videos(paths: Sequence[str | Path], clip_seconds: float) -> list[Video]:
@@ -158,7 +157,6 @@ class PairStream:
         self.stop = threading.Event()
         self.bad: set[int] = set()
         self.bad_lock = threading.Lock()
-        self.decoded = 0
         self.threads: list[threading.Thread] = []
 
     def start(self) -> PairStream:
@@ -168,12 +166,12 @@ class PairStream:
         self._spawn(self._batch_loop, 0)
         return self
 
-    def _spawn(self, target, arg: int) -> None:
+    def _spawn(self, target: Callable[[int], None], arg: int) -> None:
         thread = threading.Thread(target=self._guard, args=(target, arg), daemon=True)
         thread.start()
         self.threads.append(thread)
 
-    def _guard(self, target, arg: int) -> None:
+    def _guard(self, target: Callable[[int], None], arg: int) -> None:
         """Run a thread body; an unexpected error reaches the training loop instead of vanishing."""
         try:
             target(arg)
@@ -252,17 +250,14 @@ class PairStream:
                 i = int(rng.integers(len(buffer)))
                 buffer[i], buffer[-1] = buffer[-1], buffer[i]
                 picked.append(buffer.pop())
-            self.decoded += len(picked)
             frames, audio, labels = build_pairs(picked, rng)
-            self._put(self.batches, self._tensors(frames, audio, labels, len(picked)))
+            self._put(self.batches, self._tensors(frames, audio, labels))
 
-    def _tensors(
-        self, frames: list[np.ndarray], audio: np.ndarray, labels: np.ndarray, fresh: int
-    ) -> Batch:
+    def _tensors(self, frames: list[np.ndarray], audio: np.ndarray, labels: np.ndarray) -> Batch:
         import torch
 
         f, s = self.preprocess(frames, audio)
-        return Batch(f, s, torch.from_numpy(labels), fresh)
+        return Batch(f, s, torch.from_numpy(labels))
 
     def next(self, timeout: float = 600.0) -> Batch:
         """The next batch (blocks while the workers catch up); re-raises a worker's error."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import random
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,33 +17,19 @@ import numpy as np
 
 from avindex import config
 from avindex.config import AudioConfig, ModelConfig, TrainConfig, VideoConfig
+from avindex.distributed import agree_stop, capture_rng, model_threads, restore_rng, setup_dist
 from avindex.errors import AvindexError
 
 if TYPE_CHECKING:
     from avindex.model import L3Net
-    from avindex.pairs import ValSet, Video
+    from avindex.pairs import Batch, PairStream, ValSet, Video
+    from avindex.pipelines import Preprocessor
 
 log = logging.getLogger(__name__)
 
 LAST = "last.pt"
 BEST = "best.pt"
 METRICS = "metrics.jsonl"
-
-
-@dataclass
-class Dist:
-    """This process's place in a (possibly single-process) run."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: str = "cpu"
-    initialised: bool = False  # we called init_process_group (and must destroy it)
-
-    @property
-    def main(self) -> bool:
-        """Rank 0 writes checkpoints, logs and runs validation."""
-        return self.rank == 0
 
 
 @dataclass
@@ -85,59 +69,6 @@ class TrainResult:
         lines.append(f"checkpoints: {self.out / BEST} (best), {self.out / LAST} (last)")
         lines.append(f"metrics: {self.out / METRICS}")
         return "\n".join(lines)
-
-
-def setup_dist(device: str) -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
-    import torch
-
-    from avindex.devices import resolve_device
-
-    resolved = resolve_device(device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if resolved == "cuda":
-        torch.cuda.set_device(local)
-        resolved = f"cuda:{local}"
-    dist = Dist(rank, world, local, resolved)
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if resolved.startswith("cuda") else "gloo"
-        torch.distributed.init_process_group(backend)
-        dist.initialised = True
-    return dist
-
-
-def capture_rng() -> dict[str, Any]:
-    """Global RNG states (python, numpy, torch, CUDA) in a form torch.load(weights_only) accepts."""
-    import torch
-
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any] | None) -> None:
-    """Undo capture_rng (missing parts are left alone)."""
-    import torch
-
-    if not state:
-        return
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "numpy" in state:
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _seed_for(*parts: int) -> int:
@@ -238,9 +169,13 @@ def validate(
     }
 
 
-def score(val: dict[str, float], aligned: bool) -> float:
-    """The number best.pt is chosen by: mean cross-modal R@1 (aligned heads), else AVC accuracy."""
-    return 0.5 * (val["a2v_R@1"] + val["v2a_R@1"]) if aligned else val["val_acc"]
+def score(val: dict[str, float], aligned: bool) -> tuple[float, ...]:
+    """What best.pt is chosen by: mean cross-modal R@1, then R@10, then AVC accuracy (aligned
+    heads: R@1 often saturates early on small collections), else AVC accuracy."""
+    if not aligned:
+        return (val["val_acc"],)
+    r1 = 0.5 * (val["a2v_R@1"] + val["v2a_R@1"])
+    return (r1, 0.5 * (val["a2v_R@10"] + val["v2a_R@10"]), val["val_acc"])
 
 
 @contextmanager
@@ -264,6 +199,21 @@ def stop_signals() -> Iterator[dict[str, bool]]:
             signal.signal(sig, old)
 
 
+class _Once(logging.Filter):
+    """Let each distinct message through once (a damaged video warns at every visit otherwise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 class _Logger:
     """metrics.jsonl writer (rank 0 only; appends, so a resumed run continues the file)."""
 
@@ -280,43 +230,294 @@ class _Logger:
             self.fh.close()
 
 
-def _progress(enabled: bool, total: int, done: int) -> Any:
-    """A rich progress bar with loss/acc/pairs-per-second fields (None when disabled)."""
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class _Progress:
+    """Rich progress bar with loss, accuracy, pairs/s and data-wait share (a no-op if disabled)."""
 
-    bar = Progress(
-        TextColumn("train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f}"),
-        TextColumn("{task.fields[pps]:.0f} pairs/s wait {task.fields[wait]:.0%}"),
-        TimeElapsedColumn(),
-    )
-    bar.start()
-    bar.add_task("train", total=total, completed=done, loss=math.nan, acc=math.nan, pps=0, wait=0)
-    return bar
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.bar = None
+        if not enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f}"),
+            TextColumn("{task.fields[pps]:.0f} pairs/s, data wait {task.fields[wait]:.0%}"),
+            TimeElapsedColumn(),
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(
+            "train", total=total, completed=done, loss=math.nan, acc=math.nan, pps=0.0, wait=0.0
+        )
+        self.ema: dict[str, float] = {}
+
+    def update(self, step: int, loss: float, acc: float, pps: float, wait: float) -> None:
+        """Show step and smoothed loss/acc/pairs-per-second/wait share."""
+        if self.bar is None:
+            return
+        for key, value in (("loss", loss), ("acc", acc), ("pps", pps), ("wait", wait)):
+            self.ema[key] = value if key not in self.ema else 0.9 * self.ema[key] + 0.1 * value
+        self.bar.update(self.task, completed=step, **self.ema)
+
+    def close(self) -> None:
+        """Stop drawing."""
+        if self.bar is not None:
+            self.bar.stop()
 
 
-def _build_model(
-    out: Path,
-    resume: bool,
-    cfgs: tuple[ModelConfig, AudioConfig, VideoConfig],
-    seed: int,
-) -> tuple[L3Net, Any]:
-    """Fresh seeded model, or the one in out/last.pt (returned with its checkpoint) to resume."""
-    import torch
+class Trainer:
+    """One training run: set up from configs (or out/last.pt), then `run()` until a stop reason."""
 
-    from avindex.model import L3Net, load_checkpoint
+    def __init__(
+        self,
+        videos: Sequence[str | Path],
+        out: str | Path,
+        cfgs: tuple[ModelConfig, AudioConfig, VideoConfig],
+        cfg: TrainConfig,
+        labels: str | Path | None,
+        resume: bool,
+        progress: bool,
+        overwrite: bool = False,
+    ) -> None:
+        import torch
 
-    if resume:
-        if not (out / LAST).exists():
-            raise AvindexError(f"{out / LAST}: nothing to resume; run without --resume first")
-        ck = load_checkpoint(out / LAST)
-        return ck.model, ck
-    torch.manual_seed(seed)
-    return L3Net(*cfgs), None
+        from avindex.model import L3Net, load_checkpoint
+        from avindex.pairs import split_videos, usable_videos
+
+        self.started = time.monotonic()
+        self.out, self.cfg, self.labels, self.progress = Path(out), cfg, labels, progress
+        self.dist = setup_dist(cfg.device)
+        self.ck = None
+        if resume:
+            if not (self.out / LAST).exists():
+                raise AvindexError(f"{self.out / LAST}: nothing to resume; run without --resume")
+            self.ck = load_checkpoint(self.out / LAST)
+            self.model = self.ck.model
+        elif (self.out / LAST).exists() and not overwrite:
+            raise AvindexError(
+                f"{self.out}: already holds a run; pass --resume to continue it, --overwrite to "
+                "start over, or another --out"
+            )
+        else:
+            for name in (LAST, BEST, METRICS):
+                (self.out / name).unlink(missing_ok=True)
+            torch.manual_seed(cfg.seed)
+            self.model = L3Net(*cfgs)
+        self.model.to(self.dist.device).train()
+        self.net: torch.nn.Module = self.model
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.step = 0
+        self.best: dict[str, Any] = {}
+        if self.ck is not None:
+            self.optimizer.load_state_dict(self.ck.optimizer_state)
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.lr  # a resumed run may be given another rate
+            self.step, self.best = self.ck.step, dict(self.ck.extra.get("best") or {})
+            restore_rng(self.ck.rng)
+        clip = self.model.audio_cfg.clip_seconds
+        self.train_videos, self.val_videos = split_videos(
+            usable_videos(_media(videos), clip), cfg.val_fraction, cfg.seed
+        )
+        self.shard = self.train_videos[self.dist.rank :: self.dist.world]
+        if len(self.shard) < 2:
+            raise AvindexError(
+                f"{len(self.train_videos)} training videos for {self.dist.world} process(es): "
+                "each process needs two or more"
+            )
+        self.val: ValSet | None = None
+        self.label_fn = clip_label_fn(None, [])
+        self.last_val: dict[str, Any] = {}
+        self.last_val_step = -1
+        self.bar = _Progress(False, 0, 0)
+
+    @property
+    def pre_device(self) -> str:
+        """Where DALI preprocesses: on the GPU when training on one."""
+        return "cuda" if self.dist.device.startswith("cuda") else "cpu"
+
+    def _preprocessor(self, train: bool) -> Preprocessor:
+        from avindex.pipelines import Preprocessor
+
+        m, cfg = self.model, self.cfg
+        seed = _seed_for(cfg.seed, self.dist.rank, self.step)
+        return Preprocessor(
+            m.audio_cfg,
+            m.video_cfg,
+            cfg.batch_size,
+            device=self.pre_device,
+            train=train,
+            seed=seed,
+            threads=1,  # measured: the model, not DALI, limits a 2-core machine
+            jitter=cfg,
+        )
+
+    def _stream(self) -> PairStream:
+        from avindex.pairs import PairStream
+
+        return PairStream(
+            self.shard,
+            self.model.audio_cfg,
+            self.model.video_cfg,
+            self.cfg,
+            self._preprocessor(train=True),
+            seed=(self.cfg.seed, self.dist.rank, self.step),
+            cuda_device=self.dist.local_rank if self.pre_device == "cuda" else None,
+        )
+
+    def checkpoint(self, path: Path, **extra: Any) -> None:
+        """Atomic checkpoint with model, optimizer, step, RNG, configs and validation results."""
+        from avindex.model import save_checkpoint
+
+        info = {"best": self.best, "val": self.last_val, **extra}
+        info["seconds"] = time.monotonic() - self.started
+        save_checkpoint(path, self.model, self.optimizer, self.step, capture_rng(), info, self.cfg)
+
+    def validate(self, logger: _Logger) -> None:
+        """Validate (rank 0), log, and write best.pt when the score improved."""
+        if self.val is None:
+            return
+        metrics = validate(self.model, self.val, self.label_fn, self.cfg.batch_size)
+        self.last_val, self.last_val_step = {"step": self.step, **metrics}, self.step
+        logger.write({"kind": "val", **self.last_val})
+        aligned = self.model.aligned
+        if not self.best or score(self.last_val, aligned) > score(self.best, aligned):
+            self.best = dict(self.last_val)
+            self.checkpoint(self.out / BEST)
+
+    def stop_reason(self, signalled: bool) -> str | None:
+        """Why to stop now (the same answer on every rank), or None."""
+        cfg = self.cfg
+        reason = None
+        if signalled:
+            reason = "signal"
+        elif cfg.time_limit is not None and time.monotonic() - self.started >= cfg.time_limit:
+            reason = "time_limit"
+        elif self.step >= cfg.max_steps:
+            reason = "max_steps"
+        return (reason or "signal") if agree_stop(reason is not None, self.dist) else None
+
+    def train_step(self, batch: Batch) -> tuple[float, float]:
+        """One Adam step on a batch; returns (loss, AVC accuracy)."""
+        device = self.dist.device
+        labels = batch.labels.to(device, non_blocking=True)
+        frames = batch.frames.to(device, non_blocking=True)
+        result = self.net(frames, batch.specs.to(device, non_blocking=True), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        # .item() waits for the GPU, so the measured compute time is honest.
+        return result.loss.item(), (result.logits.argmax(1) == labels).float().mean().item()
+
+    def _setup_data(self) -> PairStream:
+        """Held-out set (rank 0) and the started training stream."""
+        from avindex.pairs import read_val_set
+
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.val_videos:
+                self.label_fn = clip_label_fn(self.labels, self.val_videos)
+                m = self.model
+                self.val = read_val_set(
+                    self.val_videos,
+                    m.audio_cfg,
+                    m.video_cfg,
+                    self.cfg,
+                    self._preprocessor(train=False),
+                    self.cfg.seed,
+                )
+        return self._stream().start()
+
+    def _wrap(self) -> None:
+        """DistributedDataParallel over the model when running under torchrun."""
+        import torch
+
+        if self.dist.world > 1:
+            ids = [self.dist.local_rank] if self.pre_device == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def run(self) -> TrainResult:
+        """Train until max steps, the time limit or a signal; always ends with last.pt."""
+        import torch
+
+        threads = torch.get_num_threads()
+        once = _Once()
+        media_log = logging.getLogger("avindex.media")
+        media_log.addFilter(once)
+        if self.dist.device == "cpu":
+            torch.set_num_threads(model_threads(self.dist.world, self.cfg.decode_workers))
+        stream = logger = None
+        try:
+            with stop_signals() as flag:
+                stream = self._setup_data()
+                logger = _Logger(self.out / METRICS if self.dist.main else None)
+                stopped = self._loop(stream, logger, flag)
+                if self.dist.main:
+                    if self.last_val_step != self.step:
+                        self.validate(logger)
+                    self.checkpoint(self.out / LAST, stopped=stopped)
+                    if not (self.out / BEST).exists():
+                        self.checkpoint(self.out / BEST)
+        finally:
+            media_log.removeFilter(once)
+            torch.set_num_threads(threads)
+            for thing in (self.bar, stream, logger):
+                if thing is not None:
+                    thing.close()
+            if self.dist.initialised:
+                torch.distributed.barrier()
+                torch.distributed.destroy_process_group()
+        seconds = time.monotonic() - self.started
+        return TrainResult(self.out, self.step, stopped, self.last_val, self.best, seconds)
+
+    def _loop(self, stream: PairStream, logger: _Logger, flag: dict[str, bool]) -> str:
+        """The step loop (spectrogram stats from the first batch on a fresh run); returns why it
+        stopped."""
+        t0 = time.monotonic()
+        batch: Batch | None = stream.next()
+        wait = time.monotonic() - t0
+        if self.ck is None:
+            self.model.set_spec_stats(batch.specs.mean().item(), batch.specs.std().item())
+        self._wrap()
+        self.bar = _Progress(self.progress and self.dist.main, self.cfg.max_steps, self.step)
+        cfg = self.cfg
+        while (stopped := self.stop_reason(flag["stop"])) is None:
+            if batch is None:
+                t0 = time.monotonic()
+                batch = stream.next()
+                wait = time.monotonic() - t0
+            t1 = time.monotonic()
+            loss, acc = self.train_step(batch)
+            compute = time.monotonic() - t1
+            pairs, batch = len(batch.labels), None
+            logger.write(
+                {
+                    "kind": "train",
+                    "step": self.step,
+                    "loss": loss,
+                    "acc": acc,
+                    "pairs": pairs,
+                    "data_wait_s": round(wait, 5),
+                    "compute_s": round(compute, 5),
+                    "pairs_per_s": round(pairs / (wait + compute), 2),
+                    "lr": cfg.lr,
+                    "elapsed_s": round(time.monotonic() - self.started, 3),
+                }
+            )
+            self.bar.update(self.step, loss, acc, pairs / (wait + compute), wait / (wait + compute))
+            if self.dist.main and cfg.val_every and self.step % cfg.val_every == 0:
+                self.validate(logger)
+            if self.dist.main and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.checkpoint(self.out / LAST)
+        return stopped
 
 
 def train(
@@ -329,212 +530,18 @@ def train(
     labels: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train L3Net on AVC pairs from `videos`, writing out/last.pt, out/best.pt, out/metrics.jsonl.
 
     With resume=True the model, configs, optimizer, step and RNG state come from out/last.pt; the
-    train config (max steps, time limit...) comes from the caller.
+    train config (max steps, time limit...) comes from the caller. A fresh run refuses an `out`
+    that already holds one unless overwrite=True (which deletes its checkpoints and metrics).
     """
-    import torch
-
-    from avindex.model import save_checkpoint
-    from avindex.pairs import PairStream, read_val_set, split_videos, usable_videos
-    from avindex.pipelines import Preprocessor
-
-    started = time.monotonic()
-    out = Path(out)
+    cfgs = (model_cfg or ModelConfig(), audio_cfg or AudioConfig(), video_cfg or VideoConfig())
     cfg = train_cfg or TrainConfig()
-    dist = setup_dist(cfg.device)
-    torch_threads = torch.get_num_threads()
-    if dist.device == "cpu":
-        torch.set_num_threads(model_threads(dist.world, cfg.decode_workers))
-    model, ck = _build_model(
-        out,
-        resume,
-        (model_cfg or ModelConfig(), audio_cfg or AudioConfig(), video_cfg or VideoConfig()),
-        cfg.seed,
-    )
-    acfg, vcfg = model.audio_cfg, model.video_cfg
-    model.to(dist.device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step = 0
-    best: dict[str, Any] = {}
-    if ck is not None:
-        optimizer.load_state_dict(ck.optimizer_state)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr
-        step, best = ck.step, dict(ck.extra.get("best") or {})
-        restore_rng(ck.rng)
-
-    all_videos = usable_videos(_media(videos), acfg.clip_seconds)
-    train_videos, val_videos = split_videos(all_videos, cfg.val_fraction, cfg.seed)
-    shard = train_videos[dist.rank :: dist.world]
-    if len(shard) < 2:
-        raise AvindexError(
-            f"{len(train_videos)} training videos for {dist.world} process(es): "
-            "each process needs two or more"
-        )
-    pre_device = "cuda" if dist.device.startswith("cuda") else "cpu"
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-    val = None
-    label_fn = None
-    if dist.main and val_videos:
-        label_fn = clip_label_fn(labels, val_videos)
-        eval_pre = Preprocessor(acfg, vcfg, cfg.batch_size, device=pre_device, threads=1)
-        val = read_val_set(val_videos, acfg, vcfg, cfg, eval_pre, cfg.seed)
-    train_pre = Preprocessor(
-        acfg,
-        vcfg,
-        cfg.batch_size,
-        device=pre_device,
-        train=True,
-        seed=_seed_for(cfg.seed, dist.rank, step),
-        threads=1,
-        jitter=cfg,
-    )
-    stream = PairStream(
-        shard,
-        acfg,
-        vcfg,
-        cfg,
-        train_pre,
-        seed=(cfg.seed, dist.rank, step),
-        cuda_device=dist.local_rank if pre_device == "cuda" else None,
-    ).start()
-    logger = _Logger(out / METRICS if dist.main else None)
-    net = model
-    aligned = model.aligned
-    last_val: dict[str, Any] = {}
-    last_val_step = -1
-    stopped = "max_steps"
-    bar = None
-
-    def checkpoint(path: Path, extra: dict[str, Any] | None = None) -> None:
-        save_checkpoint(
-            path,
-            model,
-            optimizer,
-            step,
-            capture_rng(),
-            {"best": best, "val": last_val, "seconds": time.monotonic() - started, **(extra or {})},
-            cfg,
-        )
-
-    def run_validation() -> None:
-        nonlocal last_val, last_val_step, best
-        if val is None:
-            return
-        last_val = {"step": step, **validate(model, val, label_fn, cfg.batch_size)}
-        last_val_step = step
-        logger.write({"kind": "val", **last_val})
-        if not best or score(last_val, aligned) > score(best, aligned):
-            best = dict(last_val)
-            checkpoint(out / BEST)
-
-    try:
-        with stop_signals() as flag:
-            t0 = time.monotonic()
-            batch = stream.next()
-            wait = time.monotonic() - t0
-            if ck is None:
-                model.set_spec_stats(batch.specs.mean().item(), batch.specs.std().item())
-            if dist.world > 1:
-                net = torch.nn.parallel.DistributedDataParallel(
-                    model, device_ids=[dist.local_rank] if pre_device == "cuda" else None
-                )
-            bar = _progress(progress and dist.main, cfg.max_steps, step)
-            ema: dict[str, float] = {}
-            while True:
-                limit_hit = (
-                    cfg.time_limit is not None and time.monotonic() - started >= cfg.time_limit
-                )
-                reason = "signal" if flag["stop"] else "time_limit" if limit_hit else None
-                if step >= cfg.max_steps:
-                    reason = reason or "max_steps"
-                if _agree_stop(reason is not None, dist):
-                    stopped = reason or "signal"
-                    break
-                if batch is None:
-                    t0 = time.monotonic()
-                    batch = stream.next()
-                    wait = time.monotonic() - t0
-                t1 = time.monotonic()
-                labels_t = batch.labels.to(dist.device, non_blocking=True)
-                result = net(
-                    batch.frames.to(dist.device, non_blocking=True),
-                    batch.specs.to(dist.device, non_blocking=True),
-                    labels_t,
-                )
-                optimizer.zero_grad(set_to_none=True)
-                result.loss.backward()
-                optimizer.step()
-                loss = result.loss.item()  # also waits for the GPU, so compute time is honest
-                acc = (result.logits.argmax(1) == labels_t).float().mean().item()
-                compute = time.monotonic() - t1
-                step += 1
-                pairs = len(batch.labels)
-                batch = None
-                for key, value in (("loss", loss), ("acc", acc), ("pps", pairs / (wait + compute))):
-                    ema[key] = value if key not in ema else 0.9 * ema[key] + 0.1 * value
-                ema["wait"] = wait / (wait + compute)
-                logger.write(
-                    {
-                        "kind": "train",
-                        "step": step,
-                        "loss": loss,
-                        "acc": acc,
-                        "pairs": pairs,
-                        "data_wait_s": round(wait, 5),
-                        "compute_s": round(compute, 5),
-                        "pairs_per_s": round(pairs / (wait + compute), 2),
-                        "lr": cfg.lr,
-                        "elapsed_s": round(time.monotonic() - started, 3),
-                    }
-                )
-                if bar is not None:
-                    bar.update(bar.task_ids[0], completed=step, **ema)
-                if dist.main and cfg.val_every and step % cfg.val_every == 0:
-                    run_validation()
-                if dist.main and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    checkpoint(out / LAST)
-            if dist.main:
-                if last_val_step != step:
-                    run_validation()
-                checkpoint(out / LAST, {"stopped": stopped})
-                if not (out / BEST).exists():
-                    checkpoint(out / BEST)
-    finally:
-        torch.set_num_threads(torch_threads)
-        if bar is not None:
-            bar.stop()
-        stream.close()
-        logger.close()
-        if dist.initialised:
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-    return TrainResult(out, step, stopped, last_val, best, time.monotonic() - started)
-
-
-def model_threads(processes: int, decode_workers: int) -> int:
-    """CPU threads for the model: this process's share of the cores minus the decoders' (at least
-    one). On 2 cores one model thread trained faster than two: OpenMP threads spin against the
-    decode and DALI threads. An explicit OMP_NUM_THREADS wins."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return int(os.environ["OMP_NUM_THREADS"])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // processes - decode_workers)
-
-
-def _agree_stop(stop: bool, dist: Dist) -> bool:
-    """Every rank stops at the same step: any rank's reason to stop stops them all."""
-    if dist.world == 1:
-        return stop
-    import torch
-
-    flag = torch.tensor([1.0 if stop else 0.0], device=dist.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+    trainer = Trainer(videos, out, cfgs, cfg, labels, resume, progress, overwrite)
+    return trainer.run()
 
 
 def _media(inputs: Sequence[str | Path]) -> list[Path]:

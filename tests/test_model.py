@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from avindex.errors import AvindexError
 from avindex.model import (
     HEADS,
     L3Net,
+    best_threshold,
     load_checkpoint,
     preset_configs,
     random_checkpoint,
@@ -140,3 +142,59 @@ def test_random_checkpoint_is_seeded_and_labelled() -> None:
     assert torch.equal(a.model.encode_visual(frames), b.model.encode_visual(frames))
     assert not torch.equal(a.model.encode_visual(frames), c.model.encode_visual(frames))
     assert a.video_cfg == SMALL_VIDEO and random_checkpoint(1.0, 0).video_cfg.crop == 224
+
+
+def test_best_threshold_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(2, 40))
+        scores = torch.tensor(rng.normal(size=n))
+        pos = torch.tensor(rng.random(n) < 0.5)
+        acc = ((scores > best_threshold(scores, pos)) == pos).float().mean()
+        candidates = [*scores.tolist(), scores.min().item() - 1]
+        brute = max(((scores > c) == pos).float().mean() for c in candidates)
+        assert acc == pytest.approx(brute.item(), abs=1e-9)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("head", HEADS)
+def test_cuda_bf16_channels_last_matches_fp32(head: str) -> None:
+    torch.manual_seed(0)
+    model = L3Net(*preset_configs(False, head=head)).eval()
+    frames = torch.randn(4, 3, 224, 224)
+    specs = torch.randn(4, 1, 257, 199) * 20 - 60
+    want_v, want_a = model.encode_visual(frames), model.encode_audio(specs)
+    model.cuda()
+    got_v = model.encode_visual(frames.cuda()).cpu()
+    got_a = model.encode_audio(specs.cuda()).cpu()
+    assert got_v.dtype == torch.float32 and got_a.dtype == torch.float32
+    # bf16 keeps ~3 significant digits: embeddings agree in direction, not bit for bit.
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(got_v, want_v).min() > 0.99 and cos(got_a, want_a).min() > 0.99
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_training_steps_and_checkpoint(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = L3Net(*preset_configs(False, head="contrastive")).cuda().train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    frames = torch.randn(16, 3, 224, 224, device="cuda")
+    specs = torch.randn(16, 1, 257, 199, device="cuda") * 20 - 60
+    labels = (torch.arange(16, device="cuda") % 2).long()
+    losses = []
+    for _ in range(5):
+        out = model(frames, specs, labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    save_checkpoint(tmp_path / "gpu.pt", model, opt, step=5)
+    ck = load_checkpoint(tmp_path / "gpu.pt", device="cuda")
+    assert torch.equal(ck.model.encode_visual(frames), model.encode_visual(frames))

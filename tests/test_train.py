@@ -185,6 +185,15 @@ def test_resume_continues_with_optimizer_state(trained, corpus: Path, tmp_path: 
     assert adam_steps == {STEPS + 10}, "Adam state carried over, not restarted"
 
 
+def test_fresh_run_refuses_a_folder_holding_a_run(trained, corpus: Path) -> None:
+    from avindex.errors import AvindexError
+
+    run, _, _ = trained
+    m, a, v, t = _configs(max_steps=1)
+    with pytest.raises(AvindexError, match="already holds a run"):
+        train([corpus], run, m, a, v, t, progress=False)
+
+
 def test_resume_without_checkpoint_is_a_user_error(corpus: Path, tmp_path: Path) -> None:
     from avindex.errors import AvindexError
 
