@@ -467,48 +467,6 @@ def eval_command(
 
 
 @app.command()
-def demo(
-    out: str = typer.Option(None, help="Folder for everything the demo writes."),
-    train_seconds: float = typer.Option(None, help="Training time budget in seconds."),
-    videos: int = typer.Option(None, help="Synthetic videos in the corpus."),
-    seed: int = typer.Option(None, help="Corpus seed."),
-    device: str = typer.Option(None, help="auto | cpu | cuda."),
-) -> None:
-    """The whole tool on a synthetic corpus: synth -> train -> embed -> index -> search -> eval.
-
-    Example: avindex demo --out avindex-demo
-    """
-    from avindex.config import DemoConfig, replace
-    from avindex.demo import run_demo
-    from avindex.evaluate import print_report
-
-    base = DemoConfig()
-    cfg = replace(
-        base,
-        out=out,
-        train_seconds=train_seconds,
-        device=device,
-        corpus=replace(base.corpus, videos=videos, seed=seed),
-    )
-    report = run_demo(cfg)
-    if report.eval is not None:
-        print_report(report.eval)
-    print(f"\nEverything is in {report.out}:")
-    for name, what in (
-        ("corpus", "synthetic videos + labels.csv"),
-        ("queries", "held-out video and the query sounds/pictures cut from it"),
-        ("run", "checkpoints (best.pt, last.pt) and metrics.jsonl"),
-        ("store", "embeddings (shard-*.h5) and the faiss index (index/)"),
-        ("demo.json", "stage times, training, query and eval results"),
-    ):
-        print(f"  {report.out / name}: {what}")
-    for sheet in report.sheets:
-        print(f"  {sheet}: contact sheet")
-    total = sum(report.seconds.values())
-    print(f"demo finished in {total:.0f} s")
-
-
-@app.command()
 def bench(
     stage: str = typer.Option(
         None, help="Comma-separated stages: decode,frontend,model,embed,train,index,search (all)."
@@ -553,3 +511,45 @@ def bench(
         write_plot(result, plot)
     if any("error" in entry for entry in result["stages"].values()):
         raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: str = typer.Option(None, help="Folder for everything the demo writes."),
+    train_seconds: float = typer.Option(None, help="Training time budget in seconds."),
+    videos: int = typer.Option(None, help="Synthetic videos in the corpus."),
+    seed: int = typer.Option(None, help="Corpus seed."),
+    device: str = typer.Option(None, help="auto | cpu | cuda."),
+) -> None:
+    """The whole tool on a synthetic corpus: synth -> train -> embed -> index -> search -> eval.
+
+    Example: avindex demo --out avindex-demo
+    """
+    from avindex.config import DemoConfig, replace
+    from avindex.demo import run_demo
+    from avindex.evaluate import print_report
+
+    base = DemoConfig()
+    cfg = replace(
+        base,
+        out=out,
+        train_seconds=train_seconds,
+        device=device,
+        corpus=replace(base.corpus, videos=videos, seed=seed),
+    )
+    report = run_demo(cfg)
+    if report.eval is not None:
+        print_report(report.eval)
+    print(f"\nEverything is in {report.out}:")
+    for name, what in (
+        ("corpus", "synthetic videos + labels.csv"),
+        ("queries", "held-out video and the query sounds/pictures cut from it"),
+        ("run", "checkpoints (best.pt, last.pt) and metrics.jsonl"),
+        ("store", "embeddings (shard-*.h5) and the faiss index (index/)"),
+        ("demo.json", "stage times, training, query and eval results"),
+    ):
+        print(f"  {report.out / name}: {what}")
+    for sheet in report.sheets:
+        print(f"  {sheet}: contact sheet")
+    total = sum(report.seconds.values())
+    print(f"demo finished in {total:.0f} s")

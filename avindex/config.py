@@ -90,6 +90,7 @@ class EmbedConfig:
     device: str = "auto"
     decode_workers: int = 2
     decode_threads: int = 1  # FFmpeg threads per decoder
+    nvdec: bool = True  # on CUDA, decode frames of NVDEC codecs on the GPU (DALI); PyAV otherwise
     prefetch_batches: int = 4
     shard_clips: int = 16_384  # flush a shard once it holds this many clips...
     shard_seconds: float = 60.0  # ...or this long after its first video, to bound lost work
@@ -127,27 +128,6 @@ class EvalConfig:
     max_queries: int = 5_000  # per direction; larger stores are sampled (seeded)
     seed: int = 0
     block_rows: int = 65_536
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """`avindex bench`: corpus, model width, batch sweep, repeats and index sizes (a few minutes
-    on 2 CPU cores by default)."""
-
-    videos: int = 8  # synthetic corpus (SynthConfig look) when no folder is given
-    seconds: int = 20
-    size: tuple[int, int] = (128, 96)  # synthetic frame size (width, height)
-    width: float | None = None  # tower width; None: 0.125 (small preset) on CPU, 1.0 on CUDA
-    batch_sizes: tuple[int, ...] = (1, 8, 64)  # model sweep (the embed batch size is added)
-    repeats: int = 2  # each rate is the best of this many runs (shared machines are noisy)
-    min_seconds: float = 1.0  # each model/front-end timing runs at least this long
-    naive_videos: int = 2  # the naive pipeline is slow: it embeds this many of the videos
-    train_steps: int = 30
-    index_vectors: int = 100_000  # synthetic clustered vectors for index build and search
-    index_dim: int = 128
-    queries: int = 2_000  # batched search queries (a tenth of them also one at a time)
-    seed: int = 0
-    device: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,40 @@ def clip_moments(duration: float, hop: float, clip_seconds: float) -> list[Momen
     return [Moment(frame_time=t + clip_seconds / 2, audio_start=t) for t in starts]
 
 
+def _cpu_clips(path: Path, moments: list[Moment], audio_cfg, video_cfg, cfg) -> Iterator[tuple]:
+    """(moment, frame HxWx3 uint8, audio, has_audio) per clip, all decoded by PyAV."""
+    from avindex.media import read_moments
+
+    for d in read_moments(path, moments, audio_cfg, video_cfg, threads=cfg.decode_threads):
+        yield d.moment, d.frame, d.audio, d.has_audio
+
+
+def _nvdec_clips(
+    path: Path, moments: list[Moment], audio_cfg, video_cfg, cfg, decoder
+) -> Iterator[tuple]:
+    """(moment, preprocessed frame on the GPU, audio, has_audio): NVDEC frames, PyAV audio."""
+    from avindex.media import read_moments
+    from avindex.pipelines import frame_indices
+
+    indices = frame_indices(str(path), [m.frame_time for m in moments])
+    audio = read_moments(
+        path, moments, audio_cfg, video_cfg, threads=cfg.decode_threads, frames=False
+    )
+    for chunk in decoder.chunks(str(path), indices):
+        for frame in chunk:
+            data = next(audio)
+            yield data.moment, frame, data.audio, data.has_audio
+
+
+def nvdec_factory(video_cfg: VideoConfig, cfg: EmbedConfig, device: str) -> Callable | None:
+    """Makes one NVDEC frame decoder per decoder thread on CUDA (unless disabled), else None."""
+    if device != "cuda" or not cfg.nvdec:
+        return None
+    from avindex.pipelines import GpuFrameDecoder
+
+    return lambda: GpuFrameDecoder(video_cfg)
+
+
 def _decode_worker(
     jobs: queue.Queue,
     out: queue.Queue,
@@ -124,10 +158,17 @@ def _decode_worker(
     cfg: EmbedConfig,
     stop: threading.Event,
     decode_seconds: list[float],
+    make_decoder: Callable | None,
 ) -> None:
-    """Probe and stream-decode videos from `jobs`, sending clips then an end marker for each one."""
-    from avindex.media import MediaError, probe, read_moments
+    """Probe and stream-decode videos from `jobs`, sending clips then an end marker for each one.
 
+    With `make_decoder` (CUDA), frames of NVDEC-decodable videos come from the GPU decoder; any
+    other video, or one NVDEC fails on before its first clip, is decoded by PyAV.
+    """
+    from avindex.media import MediaError, probe
+    from avindex.pipelines import gpu_decodable
+
+    decoder = None
     while not stop.is_set():
         try:
             index, path = jobs.get_nowait()
@@ -140,23 +181,31 @@ def _decode_worker(
             out.put(_VideoEnd(index, record, 0, info.error))
             continue
         moments = clip_moments(info.duration, cfg.hop, audio_cfg.clip_seconds)
-        sent = 0
-        try:
-            for data in read_moments(
-                path, moments, audio_cfg, video_cfg, threads=cfg.decode_threads
-            ):
-                clip = _Clip(index, data.moment.audio_start, data.frame, data.audio, data.has_audio)
-                decode_seconds[0] += time.perf_counter() - started
-                out.put(clip)
-                started = time.perf_counter()
-                sent += 1
-                if stop.is_set():
-                    return
-        except MediaError as exc:
-            out.put(_VideoEnd(index, record, sent, str(exc)))
-            continue
+        sources = [_cpu_clips(path, moments, audio_cfg, video_cfg, cfg)]
+        if make_decoder is not None and gpu_decodable(info.video_codec, info.rotation):
+            decoder = decoder or make_decoder()
+            sources.insert(0, _nvdec_clips(path, moments, audio_cfg, video_cfg, cfg, decoder))
+        sent, error = 0, None
+        for source in sources:
+            try:
+                for moment, frame, audio, has_audio in source:
+                    decode_seconds[0] += time.perf_counter() - started
+                    out.put(_Clip(index, moment.audio_start, frame, audio, has_audio))
+                    started = time.perf_counter()
+                    sent += 1
+                    if stop.is_set():
+                        return
+                error = None
+                break
+            except MediaError as exc:
+                error = str(exc)
+                break
+            except RuntimeError as exc:  # DALI's NVDEC errors: fall back to PyAV if nothing sent
+                error = f"NVDEC decode failed: {exc}".splitlines()[0]
+                if sent:
+                    break
         decode_seconds[0] += time.perf_counter() - started
-        out.put(_VideoEnd(index, record, sent))
+        out.put(_VideoEnd(index, record, sent, error))
 
 
 def inference_model(checkpoint: Checkpoint, device: str) -> L3Net:
@@ -247,10 +296,19 @@ class _Embedder:
 
     def __call__(self, clips: Sequence[_Clip], seconds: dict[str, float]) -> tuple:
         """Embed a batch into (visual, audio) float16 arrays, adding stage times to `seconds`."""
+        import torch
+
         started = time.perf_counter()
-        frames, specs = self.preprocess(
-            [c.frame for c in clips], np.stack([c.audio for c in clips])
-        )
+        audio = np.stack([c.audio for c in clips])
+        raw = [c.frame for c in clips if isinstance(c.frame, np.ndarray)]
+        if len(raw) == len(clips):
+            frames, specs = self.preprocess(raw, audio)
+        else:  # some frames came preprocessed from NVDEC: DALI prepares the rest
+            specs = self.preprocess.spectrograms(audio)
+            prepared = iter(self.preprocess.frames(raw) if raw else ())
+            frames = torch.stack(
+                [next(prepared) if isinstance(c.frame, np.ndarray) else c.frame for c in clips]
+            )
         seconds["preprocess"] += time.perf_counter() - started
         started = time.perf_counter()
         visual, audio = self.towers(frames, specs)
@@ -290,10 +348,20 @@ def run_embed(
     out: queue.Queue = queue.Queue(maxsize=cfg.prefetch_batches * cfg.batch_size)
     stop = threading.Event()
     decode_seconds = [[0.0] for _ in range(cfg.decode_workers)]
+    make_decoder = nvdec_factory(checkpoint.video_cfg, cfg, device)
     workers = [
         threading.Thread(
             target=_decode_worker,
-            args=(jobs, out, checkpoint.audio_cfg, checkpoint.video_cfg, cfg, stop, seconds),
+            args=(
+                jobs,
+                out,
+                checkpoint.audio_cfg,
+                checkpoint.video_cfg,
+                cfg,
+                stop,
+                seconds,
+                make_decoder,
+            ),
             daemon=True,
             name=f"avindex-decode-{i}",
         )

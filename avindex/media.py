@@ -358,6 +358,11 @@ class _MomentReader:
         self.chosen[self.next_frame] = self.converted[1]
         self.next_frame += 1
 
+    def skip_frames(self) -> None:
+        """Audio-only reading: every moment's frame is None, so moments wait for audio alone."""
+        self.chosen = dict.fromkeys(range(len(self.moments)))
+        self.next_frame = len(self.moments)
+
     def add_audio(self, frame: av.AudioFrame | None) -> None:
         """Resample a decoded audio frame (None flushes) onto the timeline."""
         for out in self.resampler.resample(frame):
@@ -414,8 +419,13 @@ def read_moments(
     audio_cfg: AudioConfig,
     video_cfg: VideoConfig,
     threads: int = 1,
+    frames: bool = True,
 ) -> Iterator[MomentData]:
-    """Read frames and audio windows for `moments` (sorted by frame_time) in one streaming pass."""
+    """Read frames and audio windows for `moments` (sorted by frame_time) in one streaming pass.
+
+    frames=False reads the audio alone (MomentData.frame is None), for frames decoded elsewhere
+    (NVDEC); the audio is still placed on the video stream's timeline.
+    """
     import av
 
     path = os.fspath(path)
@@ -431,8 +441,11 @@ def read_moments(
         t0 = float(_start_pts(video, None) * video.time_base)
         reader = _MomentReader(moments, t0, audio_cfg, video_cfg)
         reader.audio_done = audio is None
+        if not frames:
+            reader.skip_frames()
+        streams = [s for s in (video if frames else None, audio) if s is not None]
         bad = 0
-        for packet in _packets(container, [s for s in (video, audio) if s is not None], path):
+        for packet in _packets(container, streams, path):
             try:
                 frames = packet.decode()
             except av.FFmpegError:

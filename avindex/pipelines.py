@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -317,19 +317,24 @@ class GpuFrameDecoder:
         """Frames `indices` of the file at `path` -> (F, 3, crop, crop) float32 CUDA tensor."""
         import torch
 
+        return torch.cat(list(self.chunks(path, indices)))
+
+    def chunks(self, path: str, indices: Sequence[int]) -> Iterator[torch.Tensor]:
+        """The same frames, `max_frames` at a time (streaming: a long video never sits whole)."""
+        import torch
+
         if self._pipe is None:
             self._pipe = self._build()
         encoded = np.fromfile(path, dtype=np.uint8)
         idx = np.asarray(indices, dtype=np.int32)
         c = self.video_cfg.crop
-        out = torch.empty((len(idx), 3, c, c), dtype=torch.float32, device="cuda")
         for start in range(0, len(idx), self.max_frames):
             chunk = idx[start : start + self.max_frames]
             self._pipe.feed_input("encoded", [encoded])
             self._pipe.feed_input("indices", [chunk])
             (frames,) = self._pipe.run()
-            _copy_to_torch(frames, out[start : start + len(chunk)])
-        return out
+            out = torch.empty((len(chunk), 3, c, c), dtype=torch.float32, device="cuda")
+            yield _copy_to_torch(frames, out)
 
     def _build(self) -> Any:
         """One-sample pipeline: encoded bytes + frame indices -> normalised FCHW crops on GPU."""

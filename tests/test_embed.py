@@ -32,6 +32,12 @@ def checkpoint():
     return random_checkpoint(0.125, seed=0)
 
 
+def ids_by_clip(store: Store) -> np.ndarray:
+    """Clip ids ordered by (path, t0), so two stores of the same videos line up."""
+    refs = store.clips(np.arange(store.num_clips))
+    return np.lexsort(([r.t0 for r in refs], [r.path for r in refs]))
+
+
 def clip_rows(store: Store) -> Counter:
     """(path, t0) -> number of rows holding that clip."""
     refs = store.clips(np.arange(store.num_clips))
@@ -142,3 +148,43 @@ def test_kill_9_then_rerun_gives_exactly_the_uninterrupted_clip_set(small_corpus
     resumed = Store(store_dir)
     assert not resumed.warnings
     assert clip_rows(resumed) == clip_rows(Store(reference))
+
+
+class CpuStandInDecoder:
+    """Stands in for GpuFrameDecoder on CPU: the frames NVDEC numbers `indices`, preprocessed.
+
+    PyAV yields frames in presentation order, which is DALI's numbering (sorted pts), and the plain
+    PIL reference does DALI's resize + centre crop + normalise.
+    """
+
+    def __init__(self, video_cfg) -> None:
+        self.video_cfg = video_cfg
+
+    def chunks(self, path: str, indices):
+        import av
+
+        with av.open(path) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        for start in range(0, len(indices), 4):
+            picked = [frames[i] for i in indices[start : start + 4]]
+            yield torch.from_numpy(np.stack([reference_frame(f, self.video_cfg) for f in picked]))
+
+
+def test_nvdec_frame_path_matches_the_pyav_path(small_corpus, tmp_path, monkeypatch):
+    """The GPU-decode plumbing (frame numbering, audio-only read, mixed batches) on CPU."""
+    import avindex.embed as embed_module
+
+    videos = sorted(small_corpus.glob("*.mp4"))[:2]
+    embed_paths(videos, tmp_path / "pyav", checkpoint(), CFG)
+    monkeypatch.setattr(
+        embed_module,
+        "nvdec_factory",
+        lambda video_cfg, cfg, device: lambda: CpuStandInDecoder(video_cfg),
+    )
+    embed_paths(videos, tmp_path / "nvdec", checkpoint(), CFG)
+    pyav, nvdec = Store(tmp_path / "pyav"), Store(tmp_path / "nvdec")
+    assert clip_rows(pyav) == clip_rows(nvdec)
+    a, b = ids_by_clip(pyav), ids_by_clip(nvdec)
+    np.testing.assert_allclose(pyav.vectors(a, "audio"), nvdec.vectors(b, "audio"), atol=2e-3)
+    # Full-resolution PIL resize vs swscale's scaling: the same pictures, slightly resampled.
+    np.testing.assert_allclose(pyav.vectors(a, "visual"), nvdec.vectors(b, "visual"), atol=3e-2)

@@ -280,3 +280,19 @@ def test_load_image(tmp_path) -> None:
         load_image(tmp_path / "t.png")
     with pytest.raises(MediaError, match="no such file"):
         load_image(tmp_path / "missing.jpg")
+
+
+def test_audio_only_reading_gives_the_same_windows(media_zoo):
+    """frames=False (frames decoded by NVDEC elsewhere) keeps the audio and its placement."""
+    from avindex.config import AudioConfig, VideoConfig
+    from avindex.media import Moment, read_moments
+
+    for name in ("h264_aac.mp4", "vfr.mp4", "no_audio.mp4", "audio51_8k.avi"):
+        path = media_zoo[name][0]
+        moments = [Moment(t + 0.5, t) for t in (0.0, 0.7, 1.0, 1.5)]
+        both = list(read_moments(path, moments, AudioConfig(), VideoConfig()))
+        alone = list(read_moments(path, moments, AudioConfig(), VideoConfig(), frames=False))
+        assert [d.frame for d in alone] == [None] * len(moments)
+        for x, y in zip(both, alone, strict=True):
+            np.testing.assert_array_equal(x.audio, y.audio, err_msg=name)
+            assert x.has_audio == y.has_audio
