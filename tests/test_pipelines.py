@@ -63,12 +63,14 @@ def noise_frames(n: int, h: int, w: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def assert_specs_close(dali_db: np.ndarray, ref_db: np.ndarray, cfg: AudioConfig) -> None:
-    """Apply the stated dB tolerances."""
+def assert_specs_close(
+    dali_db: np.ndarray, ref_db: np.ndarray, cfg: AudioConfig, deep_tol: float = DB_DEEP_TOL
+) -> None:
+    """Apply the stated dB tolerances (bins far below the peak hold float32 rounding noise)."""
     diff = np.abs(dali_db - ref_db)
     near_peak = ref_db > ref_db.max(axis=(-2, -1), keepdims=True) - DB_RANGE
     assert diff[near_peak].max(initial=0.0) < DB_TOL
-    assert diff.max() < DB_DEEP_TOL
+    assert diff.max() < deep_tol
     assert dali_db.min() >= cfg.db_cutoff - 1e-3
 
 
@@ -268,7 +270,9 @@ def test_cuda_preprocessor_matches_cpu() -> None:
     assert gpu_frames.is_cuda and gpu_specs.is_cuda
     # Same ops on GPU; the resize kernel may round differently by a grey level (1/255/std ~ 0.02).
     assert np.abs(gpu_frames.cpu().numpy() - cpu_frames.numpy()).max() < 0.05
-    assert_specs_close(gpu_specs.cpu()[:, 0].numpy(), cpu_specs[:, 0].numpy(), AUDIO)
+    # cuFFT vs the CPU FFT: loud bins agree to 0.01 dB; at -100 dB float32 noise differs by up to
+    # ~2.4 dB (measured on an H200), so the deep-bin bound is looser here.
+    assert_specs_close(gpu_specs.cpu()[:, 0].numpy(), cpu_specs[:, 0].numpy(), AUDIO, deep_tol=4.0)
     train = Preprocessor(AUDIO, SMALL, batch_size=4, device="cuda", train=True)
     out_frames, out_specs = train(frames, audio)
     assert out_frames.shape == cpu_frames.shape and out_specs.shape == cpu_specs.shape
