@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from avindex.config import AudioConfig, TrainConfig, VideoConfig
+from avindex.config import SMALL_VIDEO, AudioConfig, TrainConfig, VideoConfig
 from avindex.errors import AvindexError
 from avindex.pipelines import (
     Preprocessor,
@@ -18,7 +18,7 @@ from avindex.pipelines import (
 )
 
 AUDIO = AudioConfig()
-SMALL = VideoConfig(resize_shorter=128, crop=112)
+SMALL = SMALL_VIDEO
 # Spectrogram tolerance: DALI's FFT is float32, the reference float64, so the error grows as a bin
 # falls below the clip's peak: bins within 80 dB of the peak agree within 0.01 dB (measured
 # <= 0.003 dB); bins 100+ dB below it sit at float32's rounding noise and get 2 dB (measured 1.6).
