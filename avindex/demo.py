@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,6 +115,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoReport:
 
     out = Path(cfg.out).resolve()
     corpus, held, run, store = out / "corpus", out / "queries", out / "run", out / "store"
+    for folder in (corpus, held, run, store):  # a re-run starts fresh: a new model, a new store
+        shutil.rmtree(folder, ignore_errors=True)
     report = DemoReport(out)
     labels_file = _timed(report, "synth", say, lambda: make_corpus(corpus, cfg.corpus))
     held_labels = make_corpus(held, replace(cfg.corpus, videos=1, seed=cfg.corpus.seed + 1000))

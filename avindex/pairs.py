@@ -204,7 +204,7 @@ class PairStream:
                 for data in read_moments(video.path, moments, self.audio_cfg, self.video_cfg):
                     if not self._put(
                         self.samples,
-                        Sample(video.index, np.ascontiguousarray(data.frame), data.audio),
+                        Sample(video.index, data.frame, data.audio),
                     ):
                         return
             except MediaError as exc:
@@ -334,7 +334,7 @@ def read_val_set(
             log.warning("%s: skipped in validation (%s)", video.path, exc)
             continue
         for data, (moment, is_pair) in zip(datas, wanted, strict=True):
-            sample = Sample(video.index, np.ascontiguousarray(data.frame), data.audio)
+            sample = Sample(video.index, data.frame, data.audio)
             if is_pair:
                 pair_samples.append(sample)
             else:
