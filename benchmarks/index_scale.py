@@ -12,30 +12,31 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from avindex.bench.corpus import write_vector_store
 from avindex.config import IndexConfig
 from avindex.index import build_index, load_index, parse_size, search_vectors
-from avindex.store import Store, StoreMeta, StoreWriter, VideoRecord
+from avindex.store import Store
 
 CLIPS_PER_VIDEO = 10_000  # vectors generated and buffered at a time while writing the store
 
 
 def write_synthetic_store(store: Path, n: int, d: int, clusters: int, seed: int) -> None:
-    """n vectors around `clusters` random centres (clusters=0: plain Gaussian), in chunks."""
+    """n vectors around `clusters` random centres (clusters=0: plain Gaussian), made in chunks."""
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((max(1, clusters), d)).astype(np.float32)
-    meta = StoreMeta(model_sha256=f"synthetic-{seed}", visual_dim=d, audio_dim=d, hop=1.0)
-    with StoreWriter(store, meta, shard_clips=100_000) as writer:
-        for v, start in enumerate(range(0, n, CLIPS_PER_VIDEO)):
+
+    def blocks() -> Iterator[np.ndarray]:
+        for start in range(0, n, CLIPS_PER_VIDEO):
             m = min(CLIPS_PER_VIDEO, n - start)
             noise = rng.standard_normal((m, d)).astype(np.float32)
-            x = noise if clusters == 0 else centers[rng.integers(0, clusters, m)] + 0.6 * noise
-            rec = VideoRecord(f"/synthetic/{v:06d}.mp4", m, 0.0, float(m))
-            t0 = np.arange(m, dtype=np.float64)
-            writer.add_video(rec, x, x, np.zeros(m, bool), t0)  # audio rows unused (no audio)
+            yield noise if clusters == 0 else centers[rng.integers(0, clusters, m)] + 0.6 * noise
+
+    write_vector_store(store, blocks(), shard_clips=100_000)
 
 
 def _build(store: str, max_memory: int, queue: mp.Queue) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,16 +71,21 @@ def clustered_vectors(n: int, d: int, seed: int, clusters: int = 256) -> np.ndar
     return centres[rng.integers(0, clusters, n)] + 0.6 * noise
 
 
-def write_vector_store(store: Path, vectors: np.ndarray, rows_per_video: int = 10_000) -> None:
-    """A store whose visual rows are `vectors` (as if embedded), for index benchmarks."""
+def write_vector_store(store: Path, blocks: Iterable[np.ndarray], shard_clips: int) -> None:
+    """A store whose visual rows are the given blocks of vectors (one fake video per block).
+
+    Blocks are written as they come, so a generator can make a store larger than memory.
+    """
     from avindex.store import StoreMeta, StoreWriter, VideoRecord
 
-    n, d = vectors.shape
-    meta = StoreMeta(model_sha256="bench-synthetic", visual_dim=d, audio_dim=d, hop=1.0)
-    with StoreWriter(store, meta, shard_clips=max(n, 1)) as writer:
-        for v, start in enumerate(range(0, n, rows_per_video)):
-            rows = vectors[start : start + rows_per_video]
-            m = len(rows)
-            record = VideoRecord(f"/bench/{v:06d}.mp4", m, 0.0, float(m))
-            t0 = np.arange(m, dtype=np.float64)
-            writer.add_video(record, rows, rows, np.zeros(m, bool), t0)
+    writer = None
+    for v, rows in enumerate(blocks):
+        m, d = rows.shape
+        if writer is None:
+            meta = StoreMeta(model_sha256="bench-synthetic", visual_dim=d, audio_dim=d, hop=1.0)
+            writer = StoreWriter(store, meta, shard_clips=shard_clips)
+        record = VideoRecord(f"/bench/{v:06d}.mp4", m, 0.0, float(m))
+        t0 = np.arange(m, dtype=np.float64)
+        writer.add_video(record, rows, rows, np.zeros(m, bool), t0)  # audio rows unused
+    if writer is not None:
+        writer.close()

@@ -53,7 +53,7 @@ def index_bench(
     cfg = IndexConfig(device="cpu")
     data = clustered_vectors(n + queries, d, seed)
     store = workdir / "index-store"
-    write_vector_store(store, data[:n])
+    write_vector_store(store, (data[i : i + 10_000] for i in range(0, n, 10_000)), n)
     # Raw faiss gets the vectors exactly as stored (float16), so both index the same numbers.
     base = _unit(np.concatenate([v for _, v in Store(store).iter_blocks("visual")]))
     q = data[n:]
