@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -88,7 +89,9 @@ class EmbedConfig:
     hop: float = 1.0
     batch_size: int = 64
     device: str = "auto"
-    decode_workers: int = 2
+    # Background decoder threads: half the cores (at least 2), so the towers keep the other half;
+    # on a 16-core GPU host 8 workers embedded 720p 1.36x faster than 2 (H200 run, README).
+    decode_workers: int = field(default_factory=lambda: max(2, (os.cpu_count() or 2) // 2))
     decode_threads: int = 1  # FFmpeg threads per decoder
     nvdec: bool = True  # on CUDA, decode frames of NVDEC codecs on the GPU (DALI); PyAV otherwise
     prefetch_batches: int = 4

@@ -65,7 +65,7 @@ class _Clip:
 
     video: int
     t0: float
-    frame: np.ndarray
+    frame: np.ndarray | torch.Tensor  # HxWx3 uint8 from PyAV, or (3,crop,crop) CUDA from NVDEC
     audio: np.ndarray
     has_audio: bool
 

@@ -135,9 +135,13 @@ def choose_factory(n: int, d: int, max_memory: int, cfg: IndexConfig | None = No
 
 def _normalized(x: np.ndarray) -> np.ndarray:
     """Float32 rows scaled to unit L2 norm (zero rows stay zero), so inner product = cosine."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norms, 1e-12))
+    import faiss
+
+    # One C-contiguous copy normalised in place by faiss: numpy's norm/divide/copy costs several
+    # microseconds, a visible share of a single ~40 us query.
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    faiss.normalize_L2(x)
+    return x
 
 
 def _new_index(factory: str, d: int) -> faiss.Index:
