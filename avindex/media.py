@@ -341,10 +341,8 @@ class _MomentReader:
 
     def add_video(self, frame: av.VideoFrame) -> None:
         """Assign `frame` or the previous one (whichever is nearer) to moments it passes."""
-        if frame.pts is not None:
-            t = float(frame.pts * frame.time_base) - self.t0
-        else:
-            t = self.video_time + 1e-3  # no pts: keep decode order
+        # PyAV's float .time avoids Fraction arithmetic per frame; without pts keep decode order.
+        t = frame.time - self.t0 if frame.pts is not None else self.video_time + 1e-3
         while self.next_frame < len(self.moments) and self.moments[self.next_frame].frame_time <= t:
             target = self.moments[self.next_frame].frame_time
             use_prev = self.prev is not None and target - self.prev[0] <= t - target
@@ -368,7 +366,7 @@ class _MomentReader:
         for out in self.resampler.resample(frame):
             start = None
             if out.pts is not None:
-                start = round((float(out.pts * out.time_base) - self.t0) * self.rate)
+                start = round((out.time - self.t0) * self.rate)
             self.audio.add(_mono(out), start)
 
     def finish(self, path: str) -> None:
