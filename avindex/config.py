@@ -139,7 +139,7 @@ class BenchConfig:
     on 2 CPU cores by default)."""
 
     videos: int = 8  # synthetic corpus (SynthConfig look) when no folder is given
-    seconds: int = 20
+    seconds: int = 60  # long enough that embed start-up (model, DALI build) does not dominate
     size: tuple[int, int] = (128, 96)  # synthetic frame size (width, height)
     width: float | None = None  # tower width; None: 0.125 (small preset) on CPU, 1.0 on CUDA
     batch_sizes: tuple[int, ...] = (1, 8, 64)  # model sweep (the embed batch size is added)
