@@ -175,35 +175,43 @@ def _decode_worker(
         except queue.Empty:
             return
         started = time.perf_counter()
-        info = probe(path, clip_seconds=audio_cfg.clip_seconds)
-        record = video_record(path, info.duration or 0.0)
-        if info.error:
-            out.put(_VideoEnd(index, record, 0, info.error))
-            continue
-        moments = clip_moments(info.duration, cfg.hop, audio_cfg.clip_seconds)
-        sources = [_cpu_clips(path, moments, audio_cfg, video_cfg, cfg)]
-        if make_decoder is not None and gpu_decodable(info.video_codec, info.rotation):
-            decoder = decoder or make_decoder()
-            sources.insert(0, _nvdec_clips(path, moments, audio_cfg, video_cfg, cfg, decoder))
-        sent, error = 0, None
-        for source in sources:
-            try:
-                for moment, frame, audio, has_audio in source:
-                    decode_seconds[0] += time.perf_counter() - started
-                    out.put(_Clip(index, moment.audio_start, frame, audio, has_audio))
-                    started = time.perf_counter()
-                    sent += 1
-                    if stop.is_set():
-                        return
-                error = None
-                break
-            except MediaError as exc:
-                error = str(exc)
-                break
-            except RuntimeError as exc:  # DALI's NVDEC errors: fall back to PyAV if nothing sent
-                error = f"NVDEC decode failed: {exc}".splitlines()[0]
-                if sent:
+        record, sent, error = video_record(path, 0.0), 0, None
+        try:
+            info = probe(path, clip_seconds=audio_cfg.clip_seconds)
+            record = video_record(path, info.duration or 0.0)
+            error = info.error
+            moments = [] if error else clip_moments(info.duration, cfg.hop, audio_cfg.clip_seconds)
+            sources = [("PyAV", _cpu_clips(path, moments, audio_cfg, video_cfg, cfg))]
+            if (
+                moments
+                and make_decoder is not None
+                and gpu_decodable(info.video_codec, info.rotation)
+            ):
+                decoder = decoder or make_decoder()
+                nvdec = _nvdec_clips(path, moments, audio_cfg, video_cfg, cfg, decoder)
+                sources.insert(0, ("NVDEC", nvdec))
+            for name, source in sources if moments else ():
+                try:
+                    for moment, frame, audio, has_audio in source:
+                        decode_seconds[0] += time.perf_counter() - started
+                        out.put(_Clip(index, moment.audio_start, frame, audio, has_audio))
+                        started = time.perf_counter()
+                        sent += 1
+                        if stop.is_set():
+                            return
+                    error = None
                     break
+                except MediaError as exc:
+                    error = str(exc)
+                    break
+                except (
+                    RuntimeError
+                ) as exc:  # DALI's NVDEC errors: fall back to PyAV if nothing sent
+                    error = f"{name} decode failed: {exc}".splitlines()[0]
+                    if sent:
+                        break
+        except Exception as exc:  # whatever one file does, it fails that file, never the batch
+            error = f"{type(exc).__name__}: {exc}".splitlines()[0]
         decode_seconds[0] += time.perf_counter() - started
         out.put(_VideoEnd(index, record, sent, error))
 
@@ -537,8 +545,13 @@ def embed_paths(
     from avindex.store import StoreWriter, clear_tmp
 
     device = resolve_device(cfg.device)
-    if cfg.hop <= 0:
-        raise AvindexError(f"--hop {cfg.hop}: must be > 0 seconds")
+    for flag, value, low in (
+        ("--hop", cfg.hop, 1e-3),
+        ("--batch-size", cfg.batch_size, 1),
+        ("--workers", cfg.decode_workers, 1),
+    ):
+        if value < low:
+            raise AvindexError(f"{flag} {value}: must be at least {low}")
     store_dir.mkdir(parents=True, exist_ok=True)
     clear_tmp(store_dir)
     todo = pending_videos(paths, store_dir, retry_failed)

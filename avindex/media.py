@@ -337,7 +337,7 @@ class _MomentReader:
         self.audio = _AudioTimeline(self.rate)
         self.resampler = _resampler(self.rate)
         self.audio_done = False
-        self.video_time = -math.inf
+        self.video_time = -1e-3  # so a first frame without pts lands at t = 0
 
     def add_video(self, frame: av.VideoFrame) -> None:
         """Assign `frame` or the previous one (whichever is nearer) to moments it passes."""
@@ -445,11 +445,11 @@ def read_moments(
         bad = 0
         for packet in _packets(container, streams, path):
             try:
-                frames = packet.decode()
+                decoded = packet.decode()
             except av.FFmpegError:
                 bad += 1  # a corrupt packet: skip it, the decoder recovers at the next keyframe
                 continue
-            for frame in frames:
+            for frame in decoded:
                 if packet.stream is video:
                     reader.add_video(frame)
                 else:

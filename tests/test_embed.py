@@ -115,15 +115,23 @@ def test_batched_embeddings_match_per_clip_reference(small_corpus, tmp_path):
 KILLABLE = textwrap.dedent(
     """
     import sys
+    import time
     from pathlib import Path
     from avindex.config import EmbedConfig
     from avindex.embed import embed_paths
     from avindex.model import random_checkpoint
     from avindex.scan import find_media
 
-    # One shard per video, one decoder: the run is slow enough to be killed half-way.
+    # One shard per video, one decoder, and a pause after each video: however fast the machine,
+    # the run is still going when the first shard appears.
     cfg = EmbedConfig(device="cpu", batch_size=4, decode_workers=1, shard_clips=1)
-    embed_paths(find_media([sys.argv[1]]), Path(sys.argv[2]), random_checkpoint(0.125, 0), cfg)
+    embed_paths(
+        find_media([sys.argv[1]]),
+        Path(sys.argv[2]),
+        random_checkpoint(0.125, 0),
+        cfg,
+        on_progress=lambda report: time.sleep(2.0),
+    )
     """
 )
 
@@ -188,3 +196,29 @@ def test_nvdec_frame_path_matches_the_pyav_path(small_corpus, tmp_path, monkeypa
     np.testing.assert_allclose(pyav.vectors(a, "audio"), nvdec.vectors(b, "audio"), atol=2e-3)
     # Full-resolution PIL resize vs swscale's scaling: the same pictures, slightly resampled.
     np.testing.assert_allclose(pyav.vectors(a, "visual"), nvdec.vectors(b, "visual"), atol=3e-2)
+
+
+def test_an_unexpected_error_in_one_file_fails_that_file_only(small_corpus, tmp_path, monkeypatch):
+    import avindex.media as media
+
+    videos = sorted(small_corpus.glob("*.mp4"))[:3]
+    real = media.read_moments
+
+    def flaky(path, *args, **kwargs):
+        if Path(path) == videos[1]:
+            raise ValueError("resampler input changed")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(media, "read_moments", flaky)
+    report = embed_paths(videos, tmp_path / "store", checkpoint(), CFG)
+    assert (report.videos_done, report.videos_failed) == (2, 1)
+    assert report.failures == [(str(videos[1].resolve()), "ValueError: resampler input changed")]
+
+
+@pytest.mark.parametrize("field", ["decode_workers", "batch_size", "hop"])
+def test_settings_below_their_minimum_are_one_line_errors(small_corpus, tmp_path, field):
+    from avindex.config import replace
+    from avindex.errors import AvindexError
+
+    with pytest.raises(AvindexError, match="must be at least"):
+        embed_paths([], tmp_path / "store", checkpoint(), replace(CFG, **{field: 0}))
