@@ -134,7 +134,7 @@ def _video_stream(container: av.container.InputContainer, path: str) -> av.video
     raise MediaError(f"{path}: {what}")
 
 
-def _start_pts(stream: av.stream.Stream, first_pts: int | None) -> int:
+def start_pts(stream: av.stream.Stream, first_pts: int | None) -> int:
     """Pts of the first presented frame: the stream's start time (edit lists applied), else the
     first packet's."""
     if stream.start_time is not None:
@@ -181,7 +181,7 @@ def _probe_container(container: av.container.InputContainer, path: str, info: Me
         raise MediaError(f"{path}: no decodable video frames")
     info.rotation = round(first_frame.rotation or 0) % 360
     info.width, info.height = first_frame.width, first_frame.height
-    timing = _timing(pts, durations, stream.time_base, _start_pts(stream, int(pts.min())))
+    timing = _timing(pts, durations, stream.time_base, start_pts(stream, int(pts.min())))
     info.duration, info.avg_fps, info.variable_fps = timing
     info.n_frames = len(pts)
 
@@ -436,7 +436,7 @@ def read_moments(
         video = _video_stream(container, path)
         audio = container.streams.audio[0] if container.streams.audio else None
         _set_threads(video, threads)
-        t0 = float(_start_pts(video, None) * video.time_base)
+        t0 = float(start_pts(video, None) * video.time_base)
         reader = _MomentReader(moments, t0, audio_cfg, video_cfg)
         reader.audio_done = audio is None
         if not frames:
@@ -511,4 +511,5 @@ __all__ = [
     "probe",
     "read_moments",
     "scaled_size",
+    "start_pts",
 ]

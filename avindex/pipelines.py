@@ -46,12 +46,12 @@ def reference_frame(frame: np.ndarray, video_cfg: VideoConfig) -> np.ndarray:
     """Plain PIL/numpy eval preprocessing of one HxWx3 uint8 frame -> (3, crop, crop) float32."""
     from PIL import Image
 
+    from avindex.media import scaled_size
+
     h, w = frame.shape[:2]
-    short = video_cfg.resize_shorter
-    if min(h, w) != short:
-        scale = short / min(h, w)
-        size = (short, round(w * scale)) if h < w else (round(h * scale), short)
-        frame = np.asarray(Image.fromarray(frame).resize((size[1], size[0]), Image.BILINEAR))
+    if min(h, w) != video_cfg.resize_shorter:
+        size = scaled_size(w, h, video_cfg.resize_shorter)
+        frame = np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR))
         h, w = frame.shape[:2]
     c = video_cfg.crop
     # An odd margin puts the centre on a half pixel; DALI rounds it up, and so does this.
@@ -286,6 +286,8 @@ def frame_indices(path: str, times: Sequence[float]) -> np.ndarray:
     """
     import av
 
+    from avindex.media import MediaError, start_pts
+
     with av.open(path) as container:
         stream = container.streams.video[0]
         stamps = [
@@ -293,7 +295,11 @@ def frame_indices(path: str, times: Sequence[float]) -> np.ndarray:
             for p in container.demux(stream)
             if p.pts is not None or p.dts is not None
         ]
-        seconds = (np.sort(np.asarray(stamps, np.int64)) - min(stamps)) * float(stream.time_base)
+        if not stamps:
+            raise MediaError(f"{path}: no video packets")
+        # t = 0 is the first presented frame, as on the PyAV path (edit lists applied).
+        origin = start_pts(stream, min(stamps))
+        seconds = (np.sort(np.asarray(stamps, np.int64)) - origin) * float(stream.time_base)
     want = np.asarray(times, np.float64)
     after = np.clip(np.searchsorted(seconds, want), 1, len(seconds) - 1)
     before = after - 1
