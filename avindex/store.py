@@ -191,6 +191,7 @@ class StoreWriter:
         if existing:
             _check_compatible(meta, existing[0])
         self._host = _host_tag()
+        self._write_failed = False
         self._reset()
 
     def _reset(self) -> None:
@@ -261,6 +262,12 @@ class StoreWriter:
             self._write_shard(tmp)
             _fsync_path(tmp)
             os.replace(tmp, final)
+        except OSError as exc:
+            self._write_failed = True  # close() must not retry and bury this error
+            raise AvindexError(
+                f"{self.dir}: cannot write a shard ({exc.strerror or exc}); free space or fix "
+                "permissions and run again: finished shards are kept and resume skips them"
+            ) from exc
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -297,8 +304,9 @@ class StoreWriter:
             table.create_dataset("error", data=[x[3] for x in recs], dtype=str_type)
 
     def close(self) -> None:
-        """Flush whatever is buffered (whole videos only)."""
-        self.flush()
+        """Flush whatever is buffered (whole videos only), unless writing already failed."""
+        if not self._write_failed:
+            self.flush()
 
     def __enter__(self) -> StoreWriter:
         return self

@@ -255,3 +255,21 @@ def test_shard_of_failures_only_is_readable(tmp_path: Path) -> None:
     assert store.num_clips == 0 and len(store.shards) == 1
     assert list(store.iter_blocks("visual")) == []
     assert [e.status for e in store.videos().values()] == ["failed"]
+
+
+def test_a_failed_shard_write_is_one_error_and_leaves_no_tmp(tmp_path, monkeypatch):
+    """Disk full while writing: one AvindexError, no half shard, and close() does not retry."""
+    meta = StoreMeta(model_sha256="m", visual_dim=4, audio_dim=4, hop=1.0)
+    writer = StoreWriter(tmp_path, meta, shard_clips=1000, shard_seconds=1000)
+    rows = np.ones((2, 4), np.float32)
+    writer.add_video(VideoRecord("/v.mp4", 1, 0.0, 2.0), rows, rows, np.ones(2, bool), [0.0, 1.0])
+
+    def full(path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "_write_shard", full)
+    with pytest.raises(AvindexError, match="No space left"):
+        writer.flush()
+    writer.close()
+    assert list(tmp_path.iterdir()) == []
