@@ -184,7 +184,9 @@ def embed(
     batch_size: int = typer.Option(None, help="Clips per model batch."),
     device: str = typer.Option(None, help="auto | cpu | cuda."),
     workers: int = typer.Option(None, help="Background decoder threads."),
-    width: float = typer.Option(0.125, help="With --model random: tower width multiplier."),
+    width: float = typer.Option(
+        None, help="With --model random: tower width multiplier (default: the small preset's)."
+    ),
     seed: int = typer.Option(0, help="With --model random: weight seed."),
     retry_failed: bool = typer.Option(False, help="Try again the videos that failed before."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -196,7 +198,7 @@ def embed(
     import json
     from pathlib import Path
 
-    from avindex.config import EmbedConfig, replace
+    from avindex.config import SMALL_MODEL, EmbedConfig, replace
     from avindex.embed import embed_paths
     from avindex.model import load_checkpoint, random_checkpoint
     from avindex.progress import EmbedProgress
@@ -206,7 +208,10 @@ def embed(
         EmbedConfig(), hop=hop, batch_size=batch_size, device=device, decode_workers=workers
     )
     paths = find_media(inputs)
-    ckpt = random_checkpoint(width, seed) if model == "random" else load_checkpoint(model)
+    if model == "random":
+        ckpt = random_checkpoint(width or SMALL_MODEL.width, seed)
+    else:
+        ckpt = load_checkpoint(model)
     if ckpt.untrained:
         print(f"note: {ckpt.extra['label']}: embeddings are for timing only", file=sys.stderr)
     with EmbedProgress(enabled=not json_out) as progress:
