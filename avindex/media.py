@@ -495,7 +495,7 @@ def load_image(path: str | os.PathLike, video_cfg: VideoConfig | None = None) ->
             image = image.resize(scaled_size(*image.size, shorter), Image.Resampling.BILINEAR)
     except FileNotFoundError:
         raise MediaError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise MediaError(f"{path}: not a readable image ({_reason(exc)})") from None
     return np.asarray(image, dtype=np.uint8)
 
