@@ -166,7 +166,8 @@ def index(
     table = Table("modality", "factory", "vectors", f"recall@{cfg.recall_k}", "params", "device")
     for name, entry in info["modalities"].items():
         params = " ".join(f"{k}={v}" for k, v in entry["params"].items()) or "exact"
-        recall = f"{entry[key]:.3f}" + ("" if entry["recall_target_met"] else " (below 0.95)")
+        below = f" (below {cfg.target_recall:g})"
+        recall = f"{entry[key]:.3f}" + ("" if entry["recall_target_met"] else below)
         table.add_row(name, entry["factory"], str(entry["count"]), recall, params, entry["device"])
     out = Console()
     out.print(table)

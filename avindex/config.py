@@ -110,6 +110,7 @@ class IndexConfig:
     train_sample: int = 100_000
     recall_queries: int = 500
     recall_k: int = 10
+    target_recall: float = 0.95  # nprobe/efSearch are tuned up to this recall@recall_k
     exact_limit: int = 50_000  # Flat (exact) up to this many vectors
     seed: int = 0
 

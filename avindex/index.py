@@ -28,7 +28,6 @@ METRIC = "inner_product"  # on L2-normalised vectors: score = cosine similarity
 GPU_MAX_K = (
     2048  # faiss GPU indexes return at most this many neighbours (and probe this many lists)
 )
-TARGET_RECALL = 0.95
 # Inverted lists are std::vectors that double when they grow, so a list may hold up to 2x its
 # payload while vectors are added: memory estimates of IVF indexes use this factor.
 IVF_GROWTH = 2.0
@@ -133,8 +132,8 @@ def choose_factory(n: int, d: int, max_memory: int, cfg: IndexConfig | None = No
     )
 
 
-def _normalized(x: np.ndarray) -> np.ndarray:
-    """Float32 rows scaled to unit L2 norm (zero rows stay zero), so inner product = cosine."""
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Float32 rows (N, D) scaled to unit L2 norm (zero rows stay zero): inner product = cosine."""
     import faiss
 
     # One C-contiguous copy normalised in place by faiss: numpy's norm/divide/copy costs several
@@ -142,6 +141,11 @@ def _normalized(x: np.ndarray) -> np.ndarray:
     x = np.array(x, dtype=np.float32, order="C", copy=True)
     faiss.normalize_L2(x)
     return x
+
+
+def _faiss_reason(exc: RuntimeError) -> str:
+    """The human part of a faiss exception ('Error in <C++ signature> at file:line: Error: ...')."""
+    return re.split(r"(?:Error|failed): ", str(exc).strip().splitlines()[-1])[-1]
 
 
 def _new_index(factory: str, d: int) -> faiss.Index:
@@ -152,7 +156,7 @@ def _new_index(factory: str, d: int) -> faiss.Index:
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise AvindexError(
-            f"--factory {factory!r}: faiss cannot build it ({str(exc).splitlines()[-1]}); "
+            f"--factory {factory!r}: faiss cannot build it ({_faiss_reason(exc)}); "
             "use auto or a faiss index_factory string such as 'IVF1024,Flat'"
         ) from exc
     if faiss.try_extract_index_ivf(index) is None:
@@ -261,8 +265,8 @@ class _Sample:
             query_ids.append(ids[q - seen])
             seen += len(ids)
         d = store.meta.dim(modality)
-        self.train = _normalized(np.concatenate(train) if train else np.zeros((0, d)))
-        self.queries = _normalized(np.concatenate(queries) if queries else np.zeros((0, d)))
+        self.train = normalize_rows(np.concatenate(train) if train else np.zeros((0, d)))
+        self.queries = normalize_rows(np.concatenate(queries) if queries else np.zeros((0, d)))
         self.query_ids = np.concatenate(query_ids) if query_ids else np.zeros(0, np.int64)
 
 
@@ -286,7 +290,7 @@ def _add_and_truth(
     done = 0
     for shard in store.shard_names:
         for ids, vecs in store.iter_blocks(modality, cfg.block_rows, shards=[shard]):
-            vecs = _normalized(vecs)
+            vecs = normalize_rows(vecs)
             if len(sample.queries):
                 _topk_merge(heap, sample.queries, ids, vecs, k)
             if index is not None and (adding is None or shard in adding):
@@ -301,7 +305,7 @@ def _add_and_truth(
 def _tune(
     index: faiss.Index, sample: _Sample, truth: np.ndarray, device: str, cfg: IndexConfig
 ) -> tuple[dict[str, int], float]:
-    """Smallest nprobe/efSearch reaching TARGET_RECALL recall@k (or the largest tried)."""
+    """Smallest nprobe/efSearch reaching cfg.target_recall recall@k (or the largest tried)."""
     name, values = _tune_param(index)
     k = cfg.recall_k
     params: dict[str, int] = {}
@@ -313,7 +317,7 @@ def _tune(
         if len(sample.queries):
             _, labels = index.search(sample.queries, k + 1)
             recall = recall_at_k(_drop_self(labels, sample.query_ids, k), truth)
-        if recall >= TARGET_RECALL:
+        if recall >= cfg.target_recall:
             break
     return params, recall
 
@@ -323,11 +327,20 @@ def _index_dir(store_dir: str | os.PathLike[str]) -> Path:
 
 
 def read_index_info(store_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The store's index.json; a store without one is a user error."""
+    """The store's index.json; a store without one, or with a corrupt one, is a user error."""
     path = _index_dir(store_dir) / INDEX_JSON
     if not path.exists():
         raise AvindexError(f"{store_dir}: store has no index; run `avindex index {store_dir}`")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_bytes())
+    except ValueError:  # JSONDecodeError / UnicodeDecodeError: a hand edit, a full disk
+        info = None
+    if not isinstance(info, dict):
+        raise AvindexError(
+            f"{path}: corrupt index.json (not an index description); "
+            f"rebuild the index with `avindex index {store_dir}`"
+        )
+    return info
 
 
 def indexed_store(store_dir: str | os.PathLike[str]) -> tuple[Store, dict[str, Any]]:
@@ -369,10 +382,19 @@ def _build_modality(
     n_train = cfg.train_sample if not index.is_trained else 0
     sample = _Sample(store, modality, n_train, cfg.recall_queries, cfg)
     index, used = _to_device(index, device)
-    if not index.is_trained:
-        index.train(sample.train)
-    del sample.train
-    truth = _add_and_truth(index, store, modality, None, sample, cfg, progress)
+    try:
+        if not index.is_trained:
+            index.train(sample.train)
+        del sample.train
+        truth = _add_and_truth(index, store, modality, None, sample, cfg, progress)
+    except RuntimeError as exc:
+        if cfg.factory == "auto":
+            raise  # auto sizes the index to the data: a failure here is a bug, not a user error
+        raise AvindexError(
+            f"--factory {factory!r}: faiss cannot train or fill it with {n} {modality} vectors "
+            f"({_faiss_reason(exc)}); use fewer inverted lists than vectors, e.g. "
+            f"IVF{_nlist(n, cfg)},Flat, or --factory auto"
+        ) from exc
     params, recall = _tune(index, sample, truth, used, cfg)
     cpu_index = _to_cpu(index, used)
     file = f"{modality}.faiss"
@@ -384,7 +406,7 @@ def _build_modality(
         "count": int(cpu_index.ntotal),
         f"recall_at_{cfg.recall_k}": recall,
         "recall_queries": len(sample.queries),
-        "recall_target_met": recall >= TARGET_RECALL,
+        "recall_target_met": recall >= cfg.target_recall,
         "params": params,
         "build_seconds": round(time.perf_counter() - started, 3),
         "device": used,
@@ -488,7 +510,7 @@ def update_index(
             "count": int(cpu_index.ntotal),
             f"recall_at_{cfg.recall_k}": recall,
             "recall_queries": len(sample.queries),
-            "recall_target_met": recall >= TARGET_RECALL,
+            "recall_target_met": recall >= cfg.target_recall,
             "params": params,
             "update_seconds": round(time.perf_counter() - started, 3),
         }
@@ -569,5 +591,5 @@ def search_vectors(
             f"query vectors have dim {queries.shape[1]}, the {index.modality} index has "
             f"{index.index.d}; was the query encoded by the store's model?"
         )
-    scores, ids = index.index.search(_normalized(queries), k)
+    scores, ids = index.index.search(normalize_rows(queries), k)
     return scores, ids

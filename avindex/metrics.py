@@ -140,30 +140,3 @@ def retrieval(
         queries=int(keep.sum()),
         skipped=int((~keep).sum()),
     )
-
-
-def recall_at_k(
-    query: np.ndarray | torch.Tensor,
-    gallery: np.ndarray | torch.Tensor,
-    query_labels: np.ndarray,
-    gallery_labels: np.ndarray,
-    k: int,
-    exclude_self: bool = False,
-    metric: str = "cosine",
-) -> float:
-    """Fraction of queries with a same-label gallery item among their top k."""
-    res = retrieval(query, gallery, query_labels, gallery_labels, (k,), exclude_self, metric)
-    return res.recall[k]
-
-
-def mean_average_precision(
-    query: np.ndarray | torch.Tensor,
-    gallery: np.ndarray | torch.Tensor,
-    query_labels: np.ndarray,
-    gallery_labels: np.ndarray,
-    exclude_self: bool = False,
-    metric: str = "cosine",
-) -> float:
-    """Mean over queries of the average precision of the full gallery ranking."""
-    res = retrieval(query, gallery, query_labels, gallery_labels, (1,), exclude_self, metric)
-    return res.mean_ap

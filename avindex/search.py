@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -280,9 +281,14 @@ def audio_windows(samples: np.ndarray, audio_cfg: AudioConfig, hop: float) -> np
     return np.stack([samples[s : s + n] for s in starts]).astype(np.float32)
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+@contextmanager
+def _group_errors(group: list[Result]) -> Iterator[None]:
+    """An AvindexError becomes the error of every result in `group`; other queries still run."""
+    try:
+        yield
+    except AvindexError as exc:
+        for r in group:
+            r.error = str(exc)
 
 
 class Searcher:
@@ -422,32 +428,38 @@ class Searcher:
         except (OSError, ValueError, EOFError) as exc:
             raise AvindexError(f"{q.value}: not a .npy array ({exc})") from None
         dim = self.meta.dim(q.modality)
-        if vec.dtype.kind not in "fiu" or vec.reshape(-1).shape != (dim,) or vec.ndim > 2:
+        if vec.dtype.kind not in "fiu" or vec.shape not in ((dim,), (1, dim)):
             raise AvindexError(
-                f"{q.value}: vector of shape {vec.shape}; expected ({dim},), the store's "
-                f"{q.modality} embedding size"
+                f"{q.value}: vector of shape {vec.shape}; expected ({dim},) or (1, {dim}), "
+                f"the store's {q.modality} embedding size"
             )
         return vec.reshape(-1).astype(np.float32)
 
     def _encode(self, pending: list[Result]) -> None:
         """Embed the gathered media, batched through the preprocessor and model."""
+        from avindex.index import normalize_rows
+
         visual = [r for r in pending if r.query.modality == "visual"]
         audio = [r for r in pending if r.query.modality == "audio"]
         if not pending:
             return
+        # A wrong --model is the command's error, not one query's: it stops the whole run.
         model = self.checkpoint().model
         prep = self._preprocessor()
         if visual:
-            vecs = self._batched([r.frame for r in visual], prep.frames, model.encode_visual)
-            for r, v in zip(visual, vecs, strict=True):
-                r.vector = v
+            with _group_errors(visual):
+                vecs = self._batched([r.frame for r in visual], prep.frames, model.encode_visual)
+                for r, v in zip(visual, vecs, strict=True):
+                    r.vector = v
         if audio:
-            windows = np.concatenate([r.audio for r in audio])
-            vecs = self._batched(windows, prep.spectrograms, model.encode_audio)
-            ends = np.cumsum([len(r.audio) for r in audio])
-            # A long query is the mean of its clips' embeddings, re-normalised (cosine search).
-            for r, part in zip(audio, np.split(vecs, ends[:-1]), strict=True):
-                r.vector = _normalize(part.mean(axis=0))
+            with _group_errors(audio):
+                windows = np.concatenate([r.audio for r in audio])
+                vecs = self._batched(windows, prep.spectrograms, model.encode_audio)
+                ends = np.cumsum([len(r.audio) for r in audio])
+                # A long query is the mean of its clips' embeddings, re-normalised (cosine).
+                means = np.stack([p.mean(axis=0) for p in np.split(vecs, ends[:-1])])
+                for r, v in zip(audio, normalize_rows(means), strict=True):
+                    r.vector = v
 
     def _batched(self, items: Any, prepare: Callable, encode: Callable) -> np.ndarray:
         """Run items through `prepare` then `encode` in batches of cfg.batch_size."""
@@ -462,23 +474,29 @@ class Searcher:
         return np.concatenate(out)
 
     def _search(self, done: list[Result], k: int) -> None:
-        """One faiss search per index for all queries aimed at it; ids mapped back to clips."""
-        from avindex.index import search_vectors
+        """One faiss search per index for all queries aimed at it; ids mapped back to clips.
 
+        A failing index (e.g. the store has no audio index) fails only the queries aimed at it.
+        """
         for modality in MODALITIES:
             group = [r for r in done if r.searched == modality]
-            if not group:
-                continue
-            index = self.index(modality)
-            scores, ids = search_vectors(index, np.stack([r.vector for r in group]), k)
-            found = np.unique(ids[ids >= 0])
-            refs = {ref.id: ref for ref in self.store.clips(found)}
-            for r, row_scores, row_ids in zip(group, scores, ids, strict=True):
-                r.hits = [
-                    Hit(rank, float(s), int(i), refs[i].path, refs[i].t0, refs[i].has_audio)
-                    for rank, (s, i) in enumerate(zip(row_scores, row_ids, strict=True), 1)
-                    if i >= 0
-                ]
+            if group:
+                with _group_errors(group):
+                    self._search_group(modality, group, k)
+
+    def _search_group(self, modality: str, group: list[Result], k: int) -> None:
+        """Search one modality's index for every result of `group` and fill in their hits."""
+        from avindex.index import search_vectors
+
+        scores, ids = search_vectors(self.index(modality), np.stack([r.vector for r in group]), k)
+        found = np.unique(ids[ids >= 0])
+        refs = {ref.id: ref for ref in self.store.clips(found)}
+        for r, row_scores, row_ids in zip(group, scores, ids, strict=True):
+            r.hits = [
+                Hit(rank, float(s), int(i), refs[i].path, refs[i].t0, refs[i].has_audio)
+                for rank, (s, i) in enumerate(zip(row_scores, row_ids, strict=True), 1)
+                if i >= 0
+            ]
 
 
 def search(

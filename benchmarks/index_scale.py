@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -19,10 +21,12 @@ import numpy as np
 
 from avindex.bench.corpus import write_vector_store
 from avindex.config import IndexConfig
+from avindex.errors import AvindexError
 from avindex.index import build_index, load_index, parse_size, search_vectors
 from avindex.store import Store
 
 CLIPS_PER_VIDEO = 10_000  # vectors generated and buffered at a time while writing the store
+POLL_SECONDS = 5.0  # how often the parent checks that the build child is still alive
 
 
 def write_synthetic_store(store: Path, n: int, d: int, clusters: int, seed: int) -> None:
@@ -39,11 +43,33 @@ def write_synthetic_store(store: Path, n: int, d: int, clusters: int, seed: int)
     write_vector_store(store, blocks(), shard_clips=100_000)
 
 
-def _build(store: str, max_memory: int, queue: mp.Queue) -> None:
+def _build(store: str, max_memory: int, results: mp.Queue) -> None:
     """Child process: build with default settings (so its peak RSS is the build's alone)."""
     start = time.perf_counter()
-    info = build_index(store, IndexConfig(max_memory=max_memory), modality="visual")
-    queue.put((info, time.perf_counter() - start))
+    try:
+        info = build_index(store, IndexConfig(max_memory=max_memory), modality="visual")
+    except AvindexError as exc:
+        sys.exit(f"avindex: error: {exc}")  # one line and exit code 1, as the CLI would
+    results.put((info, time.perf_counter() - start))
+
+
+def wait_for_build(child: mp.Process, results: mp.Queue) -> tuple[dict, float]:
+    """The build child's (index.json, seconds); exits with a message if the child died first."""
+    while True:
+        try:
+            return results.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            if child.exitcode is None:
+                continue
+        # The child may have put its result just before exiting: one last short look.
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            sys.exit(
+                f"index build child exited with code {child.exitcode} and no result "
+                "(negative = killed by that signal, e.g. -9 by the OOM killer at a small "
+                "--max-memory; 1 = its error is printed above)"
+            )
 
 
 def search_rate(store: Path, nq: int = 2000, k: int = 10) -> float:
@@ -75,10 +101,10 @@ def main() -> None:
         if not list(store.glob("shard-*.h5")):
             write_synthetic_store(store, args.n, args.dim, args.clusters, args.seed)
         write_s = time.perf_counter() - t
-        queue: mp.Queue = mp.get_context("spawn").Queue()
-        child = mp.get_context("spawn").Process(target=_build, args=(str(store), budget, queue))
+        results: mp.Queue = mp.get_context("spawn").Queue()
+        child = mp.get_context("spawn").Process(target=_build, args=(str(store), budget, results))
         child.start()
-        info, build_s = queue.get()
+        info, build_s = wait_for_build(child, results)
         child.join()
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
         entry = info["modalities"]["visual"]

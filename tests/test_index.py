@@ -234,6 +234,31 @@ def test_missing_index_and_bad_factory_are_user_errors(tmp_path: Path) -> None:
         build_index(tmp_path, IndexConfig(factory="NotAnIndex"))
 
 
+def test_too_many_lists_for_the_store_is_a_user_error(tmp_path: Path) -> None:
+    write_store(tmp_path, 300, 8)
+    with pytest.raises(AvindexError, match=r"IVF4096,Flat.*300 visual vectors.*--factory auto"):
+        build_index(tmp_path, IndexConfig(factory="IVF4096,Flat"), modality="visual")
+
+
+def test_corrupt_index_json_is_a_user_error_and_a_rebuild_fixes_it(tmp_path: Path) -> None:
+    write_store(tmp_path, 300, 8)
+    build_index(tmp_path, modality="visual")
+    (tmp_path / "index" / "index.json").write_text('{"schema": 1, "shar')
+    for call in (read_index_info, indexed_store, lambda p: load_index(p, "visual", "cpu")):
+        with pytest.raises(AvindexError, match=r"corrupt index\.json.*rebuild"):
+            call(tmp_path)
+    build_index(tmp_path, modality="visual")
+    assert load_index(tmp_path, "visual", "cpu").index.ntotal == 300
+
+
+def test_recall_target_comes_from_the_config(tmp_path: Path) -> None:
+    write_store(tmp_path, 300, 8)
+    for target, met in ((1.0, True), (1.01, False)):
+        cfg = IndexConfig(factory="Flat", target_recall=target)
+        entry = build_index(tmp_path, cfg, modality="visual")["modalities"]["visual"]
+        assert entry["recall_at_10"] == 1.0 and entry["recall_target_met"] is met
+
+
 def test_cli_index_json(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

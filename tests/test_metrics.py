@@ -10,8 +10,6 @@ import pytest
 from avindex.metrics import (
     chance_map,
     chance_recall_at_k,
-    mean_average_precision,
-    recall_at_k,
     retrieval,
 )
 
@@ -53,8 +51,6 @@ def test_retrieval_matches_reference(metric: str, exclude_self: bool) -> None:
         assert res.recall[k] == pytest.approx(want_r[k], abs=1e-9)
     assert res.mean_ap == pytest.approx(want_ap, abs=1e-5)
     assert res.queries == 57 and res.skipped == 3
-    assert recall_at_k(q, g, ql, gl, 5, exclude_self, metric) == res.recall[5]
-    assert mean_average_precision(q, g, ql, gl, exclude_self, metric) == res.mean_ap
 
 
 def test_perfect_and_to_dict() -> None:

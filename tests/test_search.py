@@ -16,7 +16,6 @@ from PIL import Image
 from avindex.cli import main
 from avindex.config import AudioConfig, EmbedConfig, VideoConfig, from_dict
 from avindex.embed import embed_paths
-from avindex.errors import AvindexError
 from avindex.index import build_index
 from avindex.media import Moment, decode_audio, read_moments
 from avindex.model import random_checkpoint, save_checkpoint
@@ -96,8 +95,41 @@ def test_k_above_the_store_size_returns_every_indexed_clip(vector_store: Path) -
 def test_k_over_the_gpu_limit_is_one_clear_error(vector_store: Path) -> None:
     searcher = Searcher(vector_store)
     searcher.index("audio").device = "cuda"  # the check faiss GPU indexes need, without a GPU
-    with pytest.raises(AvindexError, match="at most 2048"):
-        searcher.run([Query("clip", "3")], 4096)
+    (r,) = searcher.run([Query("clip", "3")], 4096)
+    assert "at most 2048" in r.error and not r.hits
+
+
+def test_batch_query_on_a_missing_index_fails_alone(vector_store: Path, tmp_path: Path) -> None:
+    """A store indexed for visual only: the audio-index query is reported, the other runs."""
+    store = tmp_path / "store"
+    store.mkdir()
+    for f in vector_store.iterdir():
+        if f.name != "index":
+            (store / f.name).symlink_to(f)
+    build_index(store, modality="visual")
+    batch = tmp_path / "batch.txt"
+    batch.write_text("--clip 5 --in audio\n--clip 1 --in visual\n")
+    bad, good = Searcher(store).run(parse_batch(batch), K)
+    assert "no audio index" in bad.error and not bad.hits
+    assert good.error is None
+    want_scores, want_ids = brute_force(Store(store), "visual", good.vector, K)
+    assert [h.id for h in good.hits] == want_ids.tolist()
+    np.testing.assert_allclose([h.score for h in good.hits], want_scores, atol=SCORE_TOL)
+
+
+def test_vector_shapes(vector_store: Path, tmp_path: Path) -> None:
+    """(D,) and (1, D) are queries; (D, 1) and (2, D) are one-line errors."""
+    vec = np.random.default_rng(5).standard_normal(16).astype(np.float32)
+    searcher = Searcher(vector_store)
+    shapes = {"flat": (16,), "row": (1, 16), "column": (16, 1), "two": (2, 8)}
+    queries = []
+    for name, shape in shapes.items():
+        np.save(tmp_path / f"{name}.npy", vec.reshape(shape))
+        queries.append(Query("vector", str(tmp_path / f"{name}.npy")))
+    flat, row, column, two = searcher.run(queries, K)
+    assert flat.error is None and [h.id for h in row.hits] == [h.id for h in flat.hits]
+    for r in (column, two):
+        assert "expected (16,) or (1, 16)" in r.error and "\n" not in r.error
 
 
 # --- a real store: small synthetic corpus embedded with the random model ---
