@@ -65,7 +65,8 @@ def write_queries(held_out: Path, labels_file: Path, out: Path, cfg: DemoConfig)
     middles = [s for s in range(1, len(per_second) - 1) if len(set(per_second[s - 1 : s + 2])) == 1]
     chosen: dict[int, int] = {}
     for s in middles:
-        chosen.setdefault(int(per_second[s]), s)
+        if per_second[s] >= 0:  # -1: a second the labels file does not list
+            chosen.setdefault(int(per_second[s]), s)
     seconds = sorted(chosen.values())[: cfg.queries_per_kind]
     audio_cfg = AudioConfig()
     moments = [Moment(s + 0.5, float(s)) for s in seconds]
@@ -121,7 +122,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoReport:
     labels_file = _timed(report, "synth", say, lambda: make_corpus(corpus, cfg.corpus))
     held_labels = make_corpus(held, replace(cfg.corpus, videos=1, seed=cfg.corpus.seed + 1000))
     model_cfg, audio_cfg, video_cfg, train_cfg = preset(
-        True, time_limit=cfg.train_seconds, seed=cfg.corpus.seed
+        True, time_limit=cfg.train_seconds, seed=cfg.corpus.seed, device=cfg.device
     )
     result = _timed(
         report,

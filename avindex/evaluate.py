@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -58,23 +57,14 @@ class EvalReport:
         }
 
 
-def video_labels(labels_file: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Labels keyed by resolved absolute video path (relative paths are under the file's folder).
-
-    Formats (CSV with a header): `video,second,label` gives the class of every second of a video
-    (clip [t0, t0+1) takes the label of second floor(t0 + 0.5), as `avindex synth` writes);
-    `video,label` gives one class per video. Labels are integers or names.
-    """
-    from avindex.synth import load_labels
-
-    base = Path(labels_file).resolve().parent
-    return {str((base / video).resolve()): arr for video, arr in load_labels(labels_file).items()}
-
-
 def labelled_gallery(
     store: Store, modality: str, labels: dict[str, np.ndarray], cfg: EvalConfig
 ) -> tuple[Gallery, int]:
-    """Stream one modality's vectors, keeping labelled videos' clips; (gallery, unlabelled)."""
+    """Stream one modality's vectors, keeping labelled clips; (gallery, unlabelled clips).
+
+    `labels` comes from `synth.labels_by_path`: per-second rows (clip [t0, t0+1) takes the label
+    of second floor(t0 + 0.5)) or one class per video; a clip of an unlisted video or second
+    (label -1) is unlabelled and left out."""
     from avindex.synth import clip_labels
 
     clip_seconds = from_dict(AudioConfig, store.meta.audio_config).clip_seconds
@@ -90,9 +80,12 @@ def labelled_gallery(
                 unlabelled += len(rows)
                 continue
             t0 = np.array([refs[r].t0 for r in rows])
-            ids.append(block_ids[rows])
-            vecs.append(block[rows])
-            labs.append(clip_labels(labels[path], t0, clip_seconds))
+            lab = clip_labels(labels[path], t0, clip_seconds)
+            known = lab >= 0
+            unlabelled += int((~known).sum())
+            ids.append(block_ids[rows][known])
+            vecs.append(block[rows][known])
+            labs.append(lab[known])
     dim = store.meta.dim(modality)
     if not ids:
         return Gallery(
@@ -115,6 +108,7 @@ def evaluate(
     """R@1/5/10 and mAP with chance for the four directions (queries sampled above max_queries)."""
     from avindex.metrics import retrieval
     from avindex.store import Store
+    from avindex.synth import labels_by_path
 
     cfg = cfg or EvalConfig()
     if cfg.max_queries < 1:
@@ -122,7 +116,7 @@ def evaluate(
     store = Store(store_dir)
     if not store.shards:
         raise AvindexError(f"{store_dir}: store holds no shards; run `avindex embed` first")
-    labels = video_labels(labels_file)
+    labels = labels_by_path(labels_file)
     visual, unlabelled = labelled_gallery(store, "visual", labels, cfg)
     audio, _ = labelled_gallery(store, "audio", labels, cfg)
     if len(visual.ids) == 0:
@@ -172,7 +166,6 @@ __all__ = [
     "evaluate",
     "labelled_gallery",
     "print_report",
-    "video_labels",
 ]
 
 

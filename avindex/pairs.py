@@ -16,7 +16,7 @@ import numpy as np
 
 from avindex.config import AudioConfig, TrainConfig, VideoConfig
 from avindex.errors import AvindexError
-from avindex.media import MediaError, Moment, probe, read_moments
+from avindex.media import Moment, probe, read_moments
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from avindex.pipelines import Preprocessor
 
 log = logging.getLogger(__name__)
+
+MIN_VIDEOS = 2  # AVC negatives pair frames and audio of different videos
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,20 @@ def usable_videos(paths: Sequence[str | Path], clip_seconds: float) -> list[Vide
 def split_videos(
     videos: Sequence[Video], val_fraction: float, seed: int
 ) -> tuple[list[Video], list[Video]]:
-    """Seeded split by video into (train, val); at least one of each when there are two or more."""
+    """Seeded split by video into (train, val); with val_fraction > 0, at least two of each.
+
+    Validation pairs need two held-out videos (negatives mix videos) and so does training, so a
+    run that validates needs four usable videos."""
     order = np.random.default_rng(seed).permutation(len(videos))
-    n_val = round(len(videos) * val_fraction)
-    if val_fraction > 0 and len(videos) >= 2:
-        n_val = min(max(n_val, 1), len(videos) - 1)
+    n_val = 0
+    if val_fraction > 0:
+        n_val = max(MIN_VIDEOS, round(len(videos) * val_fraction))
+        if len(videos) - n_val < MIN_VIDEOS:
+            raise AvindexError(
+                f"{len(videos)} usable videos: training with validation needs at least "
+                f"{2 * MIN_VIDEOS} ({MIN_VIDEOS} held out, {MIN_VIDEOS} to train on); "
+                "add videos"
+            )
     val = sorted((videos[i] for i in order[:n_val]), key=lambda v: v.index)
     train = sorted((videos[i] for i in order[n_val:]), key=lambda v: v.index)
     return train, val
@@ -207,8 +218,8 @@ class PairStream:
                         Sample(video.index, data.frame, data.audio),
                     ):
                         return
-            except MediaError as exc:
-                self._mark_bad(video, str(exc))
+            except Exception as exc:  # any decoder failure skips only this video
+                self._mark_bad(video, str(exc) or type(exc).__name__)
 
     def _visit_size(self, video: Video) -> int:
         """Moments per visit: a visit decodes every frame up to its last moment, so longer videos
@@ -330,8 +341,10 @@ def read_val_set(
         wanted.sort(key=lambda w: w[0].frame_time)
         try:
             datas = list(read_moments(video.path, [m for m, _ in wanted], audio_cfg, video_cfg))
-        except MediaError as exc:
-            log.warning("%s: skipped in validation (%s)", video.path, exc)
+        except Exception as exc:  # a bad held-out video must not end the run
+            log.warning(
+                "%s: skipped in validation (%s)", video.path, str(exc) or type(exc).__name__
+            )
             continue
         for data, (moment, is_pair) in zip(datas, wanted, strict=True):
             sample = Sample(video.index, data.frame, data.audio)
@@ -342,7 +355,9 @@ def read_val_set(
                 clip_video.append(video.index)
                 clip_t0.append(moment.audio_start)
     if len({s.video for s in pair_samples}) < 2:
-        raise AvindexError("validation needs at least two readable held-out videos; add videos")
+        raise AvindexError(
+            f"validation needs at least {MIN_VIDEOS} readable held-out videos; add videos"
+        )
     order = rng.permutation(len(pair_samples))[: train_cfg.val_pairs]
     frames, audio, labels = build_pairs([pair_samples[i] for i in order], rng)
     pf, ps = _preprocess_all(preprocess, frames, audio)

@@ -290,6 +290,14 @@ def make_corpus(out: str | os.PathLike, cfg: SynthConfig, workers: int | None = 
         raise AvindexError(f"synth: unknown format {cfg.format!r}; use mp4 or webm")
     if cfg.classes < 2 or cfg.seconds < 1 or cfg.videos < 1:
         raise AvindexError("synth: need at least 1 video, 1 second and 2 classes")
+    if cfg.width % 2 or cfg.height % 2 or min(cfg.width, cfg.height) < 16:
+        # yuv420p halves both dimensions for colour, so encoders refuse odd sizes.
+        raise AvindexError(
+            f"synth: --size {cfg.width}x{cfg.height}: width and height must be even and at "
+            "least 16; e.g. --size 128x96"
+        )
+    if not cfg.fps > 0:
+        raise AvindexError(f"synth: --fps {cfg.fps}: must be above 0; e.g. --fps 25")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = [f"video_{i:04d}.{cfg.format}" for i in range(cfg.videos)]
@@ -317,11 +325,12 @@ def write_labels(path: str | os.PathLike, labels: dict[str, np.ndarray]) -> Path
 
 
 def load_labels(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a labels CSV: `video,second,label` (one row per second) or `video,label` (whole video).
+    """Read a labels CSV: `video,second,label` (rows per second) or `video,label` (whole video).
 
-    Returns video (as written, relative to the file's folder) -> int64 label per second; a
-    per-video label gives a 1-element array (use `clip_labels`). Integer labels keep their value;
-    other names get ids in sorted order."""
+    Returns video (as written, relative to the file's folder) -> int64 label per second, indexed
+    by the real second: seconds not listed are -1 (unlabelled, left out of retrieval by class).
+    A per-video label gives a 1-element array (use `clip_labels`). Integer labels keep their
+    value; other names get ids in sorted order."""
     path = Path(path)
     try:
         with open(path, newline="") as f:
@@ -331,17 +340,41 @@ def load_labels(path: str | os.PathLike) -> dict[str, np.ndarray]:
     fields = set(rows[0]) if rows else set()
     if not {"video", "label"} <= fields:
         raise AvindexError(f"{path}: labels need a header 'video,second,label' or 'video,label'")
-    names = sorted({r["label"] for r in rows})
+    table: dict[str, dict[int, str]] = {}
+    for row, r in enumerate(rows, start=2):  # row 1 is the header
+        if not r["video"] or r["label"] is None:
+            raise AvindexError(
+                f"{path}: row {row} is missing fields; each row needs a video and a label"
+            )
+        table.setdefault(r["video"], {})[_second(path, row, r)] = r["label"]
+    names = sorted({n for per in table.values() for n in per.values()})
     numeric = all(n.lstrip("-").isdigit() for n in names)
     ids = {n: int(n) if numeric else i for i, n in enumerate(names)}
-    table: dict[str, dict[int, int]] = {}
-    for r in rows:
-        second = int(r["second"]) if "second" in fields and r["second"] else 0
-        table.setdefault(r["video"], {})[second] = ids[r["label"]]
-    return {
-        video: np.array([per[s] for s in sorted(per)], dtype=np.int64)
-        for video, per in table.items()
-    }
+    out = {}
+    for video, per in table.items():
+        labels = np.full(max(per) + 1, -1, dtype=np.int64)
+        labels[list(per)] = [ids[n] for n in per.values()]
+        out[video] = labels
+    return out
+
+
+def _second(path: Path, row: int, r: dict[str, str | None]) -> int:
+    """The row's second (0 for a per-video label); a non-integer or negative one is an error."""
+    text = (r.get("second") or "").strip()
+    if not text:
+        return 0
+    if not text.isdigit():
+        raise AvindexError(
+            f"{path}: row {row}: second {text!r} is not a whole number of seconds from 0"
+        )
+    return int(text)
+
+
+def labels_by_path(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """load_labels keyed by resolved absolute video path (relative names are under the file's
+    folder), to match the paths that embedding and training record."""
+    base = Path(path).resolve().parent
+    return {str((base / video).resolve()): per for video, per in load_labels(path).items()}
 
 
 def clip_labels(labels: np.ndarray, t0: np.ndarray, clip_seconds: float = 1.0) -> np.ndarray:
@@ -356,6 +389,7 @@ __all__ = [
     "EventClass",
     "clip_labels",
     "event_classes",
+    "labels_by_path",
     "load_labels",
     "make_corpus",
     "make_video",

@@ -79,21 +79,17 @@ def _seed_for(*parts: int) -> int:
 def clip_label_fn(
     labels_path: str | Path | None, videos: Sequence[Video]
 ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """Labels for retrieval: class per clip from a labels file (-1 for unlabelled videos: left
-    out), else one id per (video, second)."""
+    """Labels for retrieval: class per clip from a labels file (-1 for unlisted videos and
+    seconds: left out), else one id per (video, second)."""
     if labels_path is None:
 
         def by_clip(video: np.ndarray, t0: np.ndarray) -> np.ndarray:
             return video.astype(np.int64) * 1_000_000 + np.round(t0).astype(np.int64)
 
         return by_clip
-    from avindex.synth import clip_labels, load_labels
+    from avindex.synth import clip_labels, labels_by_path
 
-    labels_path = Path(labels_path)
-    table = {
-        str((labels_path.parent / name).resolve()): per
-        for name, per in load_labels(labels_path).items()
-    }
+    table = labels_by_path(labels_path)
     per_video = {}
     for v in videos:
         key = str(Path(v.path).resolve())
@@ -289,12 +285,31 @@ class Trainer:
     ) -> None:
         import torch
 
-        from avindex.model import L3Net, load_checkpoint
-        from avindex.pairs import split_videos, usable_videos
-
         self.started = time.monotonic()
         self.out, self.cfg, self.labels, self.progress = Path(out), cfg, labels, progress
         self.dist = setup_dist(cfg.device)
+        try:
+            self._setup(videos, cfgs, resume, overwrite)
+        except BaseException:
+            # run() (which normally destroys the group) will never be called on this trainer.
+            if self.dist.initialised:
+                torch.distributed.destroy_process_group()
+            raise
+
+    def _setup(
+        self,
+        videos: Sequence[str | Path],
+        cfgs: tuple[ModelConfig, AudioConfig, VideoConfig],
+        resume: bool,
+        overwrite: bool,
+    ) -> None:
+        """Model, optimizer and the train/validation split (fresh or from out/last.pt)."""
+        import torch
+
+        from avindex.model import L3Net, load_checkpoint
+        from avindex.pairs import split_videos, usable_videos
+
+        cfg = self.cfg
         self.ck = None
         if resume:
             if not (self.out / LAST).exists():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from avindex.config import DemoConfig, SynthConfig
 from avindex.demo import run_demo
 
@@ -36,3 +38,26 @@ def test_demo_runs_every_stage_and_can_run_again(tmp_path):
         "audio->audio",
         "visual->visual",
     }
+
+
+def test_demo_trains_on_the_device_it_was_given(tmp_path, monkeypatch):
+    """`avindex demo --device cpu` trains on the CPU too, not only embeds and searches there."""
+    import dataclasses
+
+    from avindex import train
+
+    class Stop(Exception):
+        """Ends the demo once training was asked for."""
+
+    seen = {}
+
+    def fake_train(videos, run, model_cfg, audio_cfg, video_cfg, train_cfg, labels):
+        seen["device"] = train_cfg.device
+        raise Stop
+
+    monkeypatch.setattr(train, "train", fake_train)
+    corpus = SynthConfig(videos=2, seconds=2, classes=2, seed=5, width=32, height=24)
+    cfg = dataclasses.replace(TINY, corpus=corpus, out=str(tmp_path / "demo"), device="cpu")
+    with pytest.raises(Stop):
+        run_demo(cfg, say=lambda _: None)
+    assert seen == {"device": "cpu"}

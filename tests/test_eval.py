@@ -124,3 +124,18 @@ def test_cli_eval_table_and_json(tmp_path: Path, capsys, monkeypatch) -> None:
         main()
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and "nope.csv" in err[0]
+
+
+def test_unlisted_seconds_are_left_out(tmp_path: Path) -> None:
+    """A per-second file skipping second 0: that clip is unlabelled (-1), not a class of its own."""
+    store = write_store(tmp_path, per_second=True)
+    labels = tmp_path / "sparse.csv"
+    labels.write_text("video,second,label\none.mp4,1,dog\none.mp4,2,cat\none.mp4,3,cat\n")
+    report = evaluate(store, labels)
+    # Clip 0 of one.mp4 and the unlabelled video's clip are left out.
+    assert (report.clips, report.audio_clips, report.unlabelled, report.classes) == (3, 2, 2, 2)
+    # a1 -> v2, v1 (dog at rank 2: AP 1/2); a2 -> v1, v2, v3 (cats at 2 and 3: AP 7/12).
+    a2v = report.results["audio->visual"].to_dict()
+    assert a2v["queries"] == 2
+    assert a2v["R@1"] == pytest.approx(0.0, abs=TOL)
+    assert a2v["mAP"] == pytest.approx((1 / 2 + 7 / 12) / 2, abs=TOL)

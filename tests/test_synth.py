@@ -159,3 +159,58 @@ def test_cli_usage_errors(monkeypatch, tmp_path, capsys) -> None:
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("avindex: error:") and err.count("\n") == 1
+
+
+def test_load_labels_keeps_real_seconds_and_resolves_paths(tmp_path) -> None:
+    """Sparse seconds stay at their second (unlisted ones are -1); paths resolve under the file."""
+    from avindex.synth import labels_by_path
+
+    sparse = tmp_path / "sparse.csv"
+    sparse.write_text("video,second,label\nx.mp4,5,2\nx.mp4,7,4\nx.mp4,6,3\n")
+    x = load_labels(sparse)["x.mp4"]
+    assert x.tolist() == [-1, -1, -1, -1, -1, 2, 3, 4]
+    assert clip_labels(x, np.array([0.0, 5.0, 6.6])).tolist() == [-1, 2, 4]
+    assert list(labels_by_path(sparse)) == [str((tmp_path / "x.mp4").resolve())]
+
+
+@pytest.mark.parametrize(
+    ("rows", "match"),
+    [
+        ("x.mp4,0,1\nx.mp4,one,1\n", r"bad\.csv: row 3: second 'one'"),
+        ("x.mp4,0,1\nx.mp4,1.5,1\n", r"row 3: second '1\.5'"),
+        ("x.mp4,-1,1\n", r"row 2: second '-1'"),
+        ("x.mp4,0,1\nx.mp4,1\n", r"bad\.csv: row 3 is missing fields"),
+    ],
+    ids=["word", "fraction", "negative", "short row"],
+)
+def test_load_labels_bad_rows_name_file_and_row(tmp_path, rows: str, match: str) -> None:
+    """A bad second or a short row is a one-line error naming the file and row, not a traceback."""
+    bad = tmp_path / "bad.csv"
+    bad.write_text("video,second,label\n" + rows)
+    with pytest.raises(AvindexError, match=match):
+        load_labels(bad)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"width": 127, "height": 95}, "127x95: width and height must be even"),
+        ({"width": 8, "height": 8}, "at least 16"),
+        ({"fps": 0.0}, "--fps 0.0: must be above 0"),
+    ],
+    ids=["odd size", "tiny size", "zero fps"],
+)
+def test_make_corpus_rejects_bad_size_and_fps(tmp_path, change: dict, match: str) -> None:
+    """Sizes the encoder refuses and a zero frame rate are caught before any file is written."""
+    with pytest.raises(AvindexError, match=match):
+        make_corpus(tmp_path / "out", dataclasses.replace(TINY, **change))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_synth_odd_size_is_one_line(monkeypatch, tmp_path, capsys) -> None:
+    """`avindex synth --size 127x95` says what to do in one line instead of a libx264 traceback."""
+    monkeypatch.setattr(sys, "argv", ["avindex", "synth", str(tmp_path), "--size", "127x95"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code != 0 and err.count("\n") == 1 and "even" in err

@@ -133,6 +133,52 @@ def test_split_is_seeded_and_by_video() -> None:
     assert split_videos(videos, 0.2, seed=4)[1] != val_a
 
 
+def test_split_holds_out_two_videos_from_few() -> None:
+    """Validation pairs need two held-out videos: 5 videos split 3 + 2; 3 videos are too few."""
+    from avindex.errors import AvindexError
+
+    videos = [PairVideo(i, f"v{i}.mp4", 5.0) for i in range(5)]
+    train_set, val = split_videos(videos, 0.2, seed=3)
+    assert (len(train_set), len(val)) == (3, 2)
+    assert sorted(v.index for v in train_set + val) == list(range(5))
+    assert split_videos(videos[:3], 0.0, seed=3) == (videos[:3], [])
+    with pytest.raises(AvindexError, match=r"3 usable videos: .* at least 4"):
+        split_videos(videos[:3], 0.2, seed=3)
+
+
+def test_decode_error_skips_only_that_video(monkeypatch, caplog) -> None:
+    """Any exception while decoding one video (not only MediaError) marks it bad, warning once."""
+    from types import SimpleNamespace
+
+    from avindex import pairs
+
+    videos = [PairVideo(i, f"v{i}.mp4", 4.0) for i in range(3)]
+
+    def fake_read_moments(path, moments, *_args, **_kwargs):
+        if path == "v1.mp4":
+            raise ValueError("Invalid data found when processing input")
+        for _ in moments:
+            yield SimpleNamespace(
+                frame=np.zeros((4, 4, 3), np.uint8), audio=np.zeros(8, np.float32)
+            )
+
+    monkeypatch.setattr(pairs, "read_moments", fake_read_moments)
+    _, a, v, t = _configs(shuffle_buffer=8)
+    stream = pairs.PairStream(videos, a, v, t, preprocess=None, seed=(0,))
+    with caplog.at_level(logging.WARNING, logger="avindex.pairs"):
+        stream._spawn(stream._decode_loop, 0)  # the decode worker alone: no preprocessing here
+        seen: set[int] = set()
+        deadline = time.monotonic() + 20
+        while (stream.bad != {1} or seen != {0, 2}) and time.monotonic() < deadline:
+            seen.add(stream.samples.get(timeout=5).video)
+        for _ in range(20):  # keep the worker visiting videos, v1 included, after it failed
+            seen.add(stream.samples.get(timeout=5).video)
+        stream.close()
+    assert stream.error is None and stream.bad == {1} and seen == {0, 2}
+    skipped = [r.getMessage() for r in caplog.records if "skipped in training" in r.getMessage()]
+    assert skipped == ["v1.mp4: skipped in training (Invalid data found when processing input)"]
+
+
 def test_short_training_run_learns(trained) -> None:
     run, result, warnings = trained
     assert result.step == STEPS and result.stopped == "max_steps"
@@ -200,6 +246,25 @@ def test_resume_without_checkpoint_is_a_user_error(corpus: Path, tmp_path: Path)
     m, a, v, t = _configs(max_steps=1)
     with pytest.raises(AvindexError, match="nothing to resume"):
         train([corpus], tmp_path, m, a, v, t, resume=True, progress=False)
+
+
+def test_init_error_destroys_the_process_group(corpus: Path, tmp_path: Path, monkeypatch) -> None:
+    """A user error in Trainer setup after the process group started leaves no group behind."""
+    import torch.distributed as td
+
+    from avindex import train as train_module
+    from avindex.distributed import Dist
+    from avindex.errors import AvindexError
+
+    def one_process_group(device: str) -> Dist:
+        td.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+        return Dist(device="cpu", initialised=True)
+
+    monkeypatch.setattr(train_module, "setup_dist", one_process_group)
+    m, a, v, t = _configs(max_steps=1)
+    with pytest.raises(AvindexError, match="nothing to resume"):
+        train([corpus], tmp_path / "run", m, a, v, t, resume=True, progress=False)
+    assert not td.is_initialized()
 
 
 def _cli_env() -> dict[str, str]:
