@@ -57,7 +57,7 @@ def write_queries(held_out: Path, labels_file: Path, out: Path, cfg: DemoConfig)
     from PIL import Image
 
     from avindex.config import AudioConfig, VideoConfig
-    from avindex.media import Moment, read_moments
+    from avindex.media import clip_moment, read_moments
     from avindex.synth import load_labels, write_video
 
     per_second = load_labels(labels_file)[held_out.name]
@@ -69,7 +69,7 @@ def write_queries(held_out: Path, labels_file: Path, out: Path, cfg: DemoConfig)
             chosen.setdefault(int(per_second[s]), s)
     seconds = sorted(chosen.values())[: cfg.queries_per_kind]
     audio_cfg = AudioConfig()
-    moments = [Moment(s + 0.5, float(s)) for s in seconds]
+    moments = [clip_moment(float(s), audio_cfg.clip_seconds) for s in seconds]
     queries = []
     for s, data in zip(
         seconds, read_moments(held_out, moments, audio_cfg, VideoConfig()), strict=True

@@ -110,10 +110,9 @@ def video_record(path: Path, duration: float) -> VideoRecord:
 
 def clip_moments(duration: float, hop: float, clip_seconds: float) -> list[Moment]:
     """What to read for each clip of a video: audio from t0, the frame nearest t0 + clip/2."""
-    from avindex.media import Moment, clip_starts
+    from avindex.media import clip_moment, clip_starts
 
-    starts = clip_starts(duration, hop, clip_seconds)
-    return [Moment(frame_time=t + clip_seconds / 2, audio_start=t) for t in starts]
+    return [clip_moment(t, clip_seconds) for t in clip_starts(duration, hop, clip_seconds)]
 
 
 def _cpu_clips(path: Path, moments: list[Moment], audio_cfg, video_cfg, cfg) -> Iterator[tuple]:

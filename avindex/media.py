@@ -92,6 +92,11 @@ def clip_starts(duration: float | None, hop: float, clip_seconds: float) -> np.n
     return np.arange(n, dtype=np.float64) * hop
 
 
+def clip_moment(t0: float, clip_seconds: float) -> Moment:
+    """What the clip starting at `t0` reads: audio [t0, t0 + clip), the frame nearest its middle."""
+    return Moment(frame_time=t0 + clip_seconds / 2, audio_start=t0)
+
+
 def scaled_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     """(width, height) scaled so the shorter side equals `shorter`, aspect ratio kept."""
     scale = shorter / min(width, height)
@@ -505,6 +510,7 @@ __all__ = [
     "MediaInfo",
     "Moment",
     "MomentData",
+    "clip_moment",
     "clip_starts",
     "decode_audio",
     "load_image",

@@ -322,7 +322,7 @@ def read_val_set(
     """Decode the held-out videos once (one pass each) into fixed preprocessed pairs and clips."""
     import torch
 
-    from avindex.media import clip_starts
+    from avindex.media import clip_moment, clip_starts
 
     rng = np.random.default_rng([seed, 2 << 20])
     clip = audio_cfg.clip_seconds
@@ -335,9 +335,7 @@ def read_val_set(
     clip_video, clip_t0 = [], []
     for video, grid, offset in zip(videos, grids, offsets, strict=False):
         wanted = [(m, True) for m in sample_moments(video.duration, per_video, rng, clip)]
-        wanted += [
-            (Moment(t + clip / 2, t), False) for i, t in enumerate(grid) if offset + i in keep
-        ]
+        wanted += [(clip_moment(t, clip), False) for i, t in enumerate(grid) if offset + i in keep]
         wanted.sort(key=lambda w: w[0].frame_time)
         try:
             datas = list(read_moments(video.path, [m for m, _ in wanted], audio_cfg, video_cfg))

@@ -402,7 +402,7 @@ class Searcher:
 
     def _moment(self, q: Query) -> tuple[np.ndarray, np.ndarray]:
         """Frame and audio window of the clip at --at (checked against the video's length)."""
-        from avindex.media import MediaError, Moment, probe, read_moments
+        from avindex.media import MediaError, clip_moment, probe, read_moments
 
         info = probe(q.value, self.audio_cfg.clip_seconds)
         if info.error:
@@ -413,7 +413,7 @@ class Searcher:
                 f"--at {q.at:g}: {q.value} is {info.duration:.2f} s long, so a clip starts at "
                 f"0..{last:.2f} s"
             )
-        moment = Moment(q.at + self.audio_cfg.clip_seconds / 2, q.at)
+        moment = clip_moment(q.at, self.audio_cfg.clip_seconds)
         (data,) = read_moments(q.value, [moment], self.audio_cfg, self.video_cfg)
         if q.modality == "audio" and not data.has_audio:
             raise AvindexError(f"{q.value}: no audio at {q.at:g} s; use --by visual")

@@ -97,17 +97,16 @@ def result_frames(
 ) -> dict[tuple[str, float], np.ndarray | None]:
     """Frames at t0 + half a clip of each (path, t0), one read_moments pass per video; a video
     that cannot be read (moved since embedding) gives None."""
-    from avindex.media import MediaError, Moment, read_moments
+    from avindex.media import MediaError, clip_moment, read_moments
 
     by_path: dict[str, set[float]] = defaultdict(set)
     for path, t0 in wanted:
         by_path[path].add(t0)
     video_cfg = VideoConfig(resize_shorter=TILE_H)
-    half = audio_cfg.clip_seconds / 2
     out: dict[tuple[str, float], np.ndarray | None] = {}
     for path, starts in by_path.items():
         ordered = sorted(starts)
-        moments = [Moment(t0 + half, t0) for t0 in ordered]
+        moments = [clip_moment(t0, audio_cfg.clip_seconds) for t0 in ordered]
         try:
             frames = read_moments(path, moments, audio_cfg, video_cfg)
             for t0, data in zip(ordered, frames, strict=True):
