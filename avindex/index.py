@@ -404,13 +404,20 @@ def _build_modality(
         "factory": factory,
         "dim": d,
         "count": int(cpu_index.ntotal),
-        f"recall_at_{cfg.recall_k}": recall,
-        "recall_queries": len(sample.queries),
-        "recall_target_met": recall >= cfg.target_recall,
-        "params": params,
+        **_quality(recall, len(sample.queries), params, cfg),
         "build_seconds": round(time.perf_counter() - started, 3),
         "device": used,
         "estimated_bytes": estimate_memory(factory, n, d),
+    }
+
+
+def _quality(recall: float, queries: int, params: dict[str, int], cfg: IndexConfig) -> dict:
+    """index.json fields for the measured recall and the search parameters tuned to reach it."""
+    return {
+        f"recall_at_{cfg.recall_k}": recall,
+        "recall_queries": queries,
+        "recall_target_met": recall >= cfg.target_recall,
+        "params": params,
     }
 
 
@@ -508,10 +515,7 @@ def update_index(
         entries[name] = {
             **entry,
             "count": int(cpu_index.ntotal),
-            f"recall_at_{cfg.recall_k}": recall,
-            "recall_queries": len(sample.queries),
-            "recall_target_met": recall >= cfg.target_recall,
-            "params": params,
+            **_quality(recall, len(sample.queries), params, cfg),
             "update_seconds": round(time.perf_counter() - started, 3),
         }
     return _write_info(store, entries, cfg)
