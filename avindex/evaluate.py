@@ -159,16 +159,6 @@ def evaluate(
     return report
 
 
-__all__ = [
-    "DIRECTIONS",
-    "EvalReport",
-    "Gallery",
-    "evaluate",
-    "labelled_gallery",
-    "print_report",
-]
-
-
 def print_report(report: EvalReport) -> None:
     """The eval table (each direction above its chance row) and coverage notes, on stdout."""
     from rich.console import Console
@@ -187,3 +177,13 @@ def print_report(report: EvalReport) -> None:
     )
     for note in report.notes:
         console.print(f"note: {note}", highlight=False)
+
+
+__all__ = [
+    "DIRECTIONS",
+    "EvalReport",
+    "Gallery",
+    "evaluate",
+    "labelled_gallery",
+    "print_report",
+]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+# torch at module level on purpose: the towers subclass nn.Module. The CLI imports this module
+# only inside the commands that need a model, so `avindex --help` stays fast.
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -375,11 +377,18 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise AvindexError(
+            f"{path}: cannot write checkpoint ({exc.strerror or exc}); free space or check access"
+        ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
     return _sha256(data)
 
 

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from avindex.config import BenchConfig, EmbedConfig, replace, to_dict
+from avindex.config import SMALL_MODEL, BenchConfig, EmbedConfig, ModelConfig, replace, to_dict
 from avindex.errors import AvindexError
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def run_bench(
 
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    width = cfg.width or (1.0 if device == "cuda" else 0.125)
+    width = cfg.width or (ModelConfig().width if device == "cuda" else SMALL_MODEL.width)
     embed_cfg = replace(embed_cfg or EmbedConfig(), device=device)
     checkpoint = random_checkpoint(width, cfg.seed, device=device)
     result: dict[str, Any] = {
