@@ -7,10 +7,15 @@ from avindex.errors import AvindexError
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(device: str) -> str:
-    """Map auto|cpu|cuda to the torch device ('cpu' or 'cuda'); cuda without CUDA is an error."""
+def _check_choice(device: str) -> None:
+    """A --device value other than auto|cpu|cuda is a one-line error."""
     if device not in DEVICE_CHOICES:
         raise AvindexError(f"--device {device!r}: expected one of {', '.join(DEVICE_CHOICES)}")
+
+
+def resolve_device(device: str) -> str:
+    """Map auto|cpu|cuda to the torch device ('cpu' or 'cuda'); cuda without CUDA is an error."""
+    _check_choice(device)
     import torch
 
     if device == "auto":
@@ -18,6 +23,17 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise AvindexError("--device cuda: no CUDA device is visible; use --device cpu or auto")
     return device
+
+
+def resolve_faiss_device(device: str) -> str:
+    """Map auto|cpu|cuda to where faiss runs; auto uses a GPU only when faiss can see one."""
+    _check_choice(device)
+    gpus = faiss_gpu_count()
+    if device == "cuda" and gpus == 0:
+        raise AvindexError(
+            "--device cuda: faiss sees no GPU (faiss-cpu installed?); use --device cpu or auto"
+        )
+    return "cuda" if device != "cpu" and gpus > 0 else "cpu"
 
 
 def faiss_gpu_count() -> int:

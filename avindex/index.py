@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from avindex.config import IndexConfig
+from avindex.devices import resolve_faiss_device
 from avindex.errors import AvindexError
 from avindex.store import MODALITIES, Store, check_modality
 
@@ -56,20 +57,6 @@ def parse_size(text: str | int) -> int:
         raise AvindexError(f"--max-memory {text!r}: expected a size such as 4G, 512M or 1000000")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[match.group(2)]
     return int(float(match.group(1)) * scale)
-
-
-def resolve_faiss_device(device: str) -> str:
-    """Map auto|cpu|cuda to where faiss runs; auto uses a GPU only when faiss can see one."""
-    from avindex.devices import DEVICE_CHOICES, faiss_gpu_count
-
-    if device not in DEVICE_CHOICES:
-        raise AvindexError(f"--device {device!r}: expected one of {', '.join(DEVICE_CHOICES)}")
-    gpus = faiss_gpu_count()
-    if device == "cuda" and gpus == 0:
-        raise AvindexError(
-            "--device cuda: faiss sees no GPU (faiss-cpu installed?); use --device cpu or auto"
-        )
-    return "cuda" if device != "cpu" and gpus > 0 else "cpu"
 
 
 def _nlist(n: int, cfg: IndexConfig) -> int:

@@ -110,22 +110,13 @@ class VideoRecord:
 
 
 @dataclass(frozen=True)
-class VideoEntry:
-    """One row of a shard's videos table."""
+class VideoEntry(VideoRecord):
+    """One row of a shard's videos table: the record plus what embedding made of it."""
 
-    path: str
-    size: int
-    mtime: float
-    duration: float
     n_clips: int
     status: str  # 'done' | 'failed'
     error: str
     shard: str
-
-    @property
-    def key(self) -> tuple[str, int, float]:
-        """Resume key, as VideoRecord.key."""
-        return (self.path, self.size, self.mtime)
 
 
 @dataclass(frozen=True)
