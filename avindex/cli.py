@@ -185,8 +185,11 @@ def embed(
     batch_size: int = typer.Option(None, help="Clips per model batch."),
     device: str = typer.Option(None, help="auto | cpu | cuda."),
     workers: int = typer.Option(None, help="Background decoder threads."),
+    preset: str = typer.Option(
+        "small", help="With --model random: the model preset (small or paper)."
+    ),
     width: float = typer.Option(
-        None, help="With --model random: tower width multiplier (default: the small preset's)."
+        None, help="With --model random: tower width multiplier (default: the preset's)."
     ),
     seed: int = typer.Option(0, help="With --model random: weight seed."),
     retry_failed: bool = typer.Option(False, help="Try again the videos that failed before."),
@@ -199,7 +202,7 @@ def embed(
     import json
     from pathlib import Path
 
-    from avindex.config import SMALL_MODEL, EmbedConfig, replace
+    from avindex.config import EmbedConfig, replace
     from avindex.embed import embed_paths
     from avindex.model import load_checkpoint, random_checkpoint
     from avindex.progress import EmbedProgress
@@ -210,7 +213,7 @@ def embed(
     )
     paths = find_media(inputs)
     if model == "random":
-        ckpt = random_checkpoint(width or SMALL_MODEL.width, seed)
+        ckpt = random_checkpoint(width, seed, preset=preset)
     else:
         ckpt = load_checkpoint(model)
     if ckpt.untrained:
@@ -241,11 +244,13 @@ def train(
     ),
     head: str = typer.Option(None, help="contrastive | ave | l3 (default: contrastive)."),
     width: float = typer.Option(None, help="Tower width multiplier (1.0 = paper)."),
-    small: bool = typer.Option(
+    preset: str = typer.Option(
         None,
-        "--small/--full",
-        help="Narrow CPU preset (112 px frames, 2x pooled spectrogram, width 0.125) or the "
-        "paper's (224 px, width 1). Default: small without CUDA, full with it.",
+        help="Model preset: small (narrow CPU model: 112 px frames, 2x pooled spectrogram, width "
+        "0.125) or paper (224 px, width 1). Default: small without CUDA, paper with it.",
+    ),
+    small: bool = typer.Option(
+        None, "--small/--full", help="Shorthands for --preset small / --preset paper."
     ),
     batch_size: int = typer.Option(None, help="AVC pairs per step (half positive)."),
     lr: float = typer.Option(None, help="Adam learning rate."),
@@ -264,14 +269,19 @@ def train(
     Example: avindex train corpus/ --out run/ --labels corpus/labels.csv --time-limit 120
     Data-parallel: torchrun --nproc-per-node N $(which avindex) train ... (one shard each).
     """
+    import dataclasses
     import json
 
     from avindex.devices import resolve_device
-    from avindex.train import preset, resume_train_config
+    from avindex.presets import default_preset, get_preset
+    from avindex.train import resume_train_config
     from avindex.train import train as run_training
 
-    if small is None:
-        small = resolve_device(device or "auto") != "cuda"
+    if small is not None:
+        if preset is not None and preset != ("small" if small else "paper"):
+            raise AvindexError(f"--preset {preset} contradicts --{'small' if small else 'full'}")
+        preset = "small" if small else "paper"
+    chosen = get_preset(preset) if preset else default_preset(resolve_device(device or "auto"))
     overrides = {
         "batch_size": batch_size,
         "lr": lr,
@@ -282,16 +292,15 @@ def train(
         "device": device,
         "seed": seed,
     }
-    model_cfg, audio_cfg, video_cfg, train_cfg = preset(small, head=head, width=width, **overrides)
+    chosen = chosen.configure(head=head, width=width, **overrides)
     if resume:
-        train_cfg = resume_train_config(out, **overrides) or train_cfg
+        saved = resume_train_config(out, **overrides)
+        if saved is not None:
+            chosen = dataclasses.replace(chosen, train=saved)
     result = run_training(
         videos,
         out,
-        model_cfg,
-        audio_cfg,
-        video_cfg,
-        train_cfg,
+        chosen,
         labels=labels,
         resume=resume,
         progress=not json_out,

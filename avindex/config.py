@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -58,6 +59,15 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation: random gain per sample, brightness and saturation jitter (paper)."""
+
+    volume_jitter: float = 0.1  # +/-10% (paper)
+    brightness_jitter: float = 0.2
+    saturation_jitter: float = 0.2
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Training loop settings (Adam at the paper's 1e-4 by default)."""
 
@@ -69,9 +79,6 @@ class TrainConfig:
     val_every: int = 250
     val_fraction: float = 0.2
     seed: int = 0
-    volume_jitter: float = 0.1  # +/-10% (paper)
-    brightness_jitter: float = 0.2
-    saturation_jitter: float = 0.2
     moments_per_video: int = 8  # random moments decoded per video visit (one sequential pass)...
     moments_per_second: float = 2.0  # ...or more for long videos: a visit decodes up to its last
     shuffle_buffer: int = 512
@@ -80,6 +87,7 @@ class TrainConfig:
     val_pairs: int = 512  # fixed held-out AVC pairs
     val_clips: int = 512  # held-out clips (1 s grid) for retrieval R@k
     device: str = "auto"
+    augment: AugmentConfig = AugmentConfig()
 
 
 @dataclass(frozen=True)
@@ -142,7 +150,7 @@ class BenchConfig:
     videos: int = 8  # synthetic corpus (SynthConfig look) when no folder is given
     seconds: int = 60  # long enough that embed start-up (model, DALI build) does not dominate
     size: tuple[int, int] = (128, 96)  # synthetic frame size (width, height)
-    width: float | None = None  # tower width; None: 0.125 (small preset) on CPU, 1.0 on CUDA
+    width: float | None = None  # tower width; None: the device's default preset's
     batch_sizes: tuple[int, ...] = (1, 8, 64)  # model sweep (the embed batch size is added)
     repeats: int = 2  # each rate is the best of this many runs (shared machines are noisy)
     min_seconds: float = 1.0  # each model/front-end timing runs at least this long
@@ -179,25 +187,26 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Rebuild a config from a dict, ignoring unknown keys (other versions), restoring tuples."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+    """Rebuild a config from a dict, ignoring unknown keys (other versions), restoring tuples and
+    nested configs."""
+    types = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        kind = types[f.name]
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            value = from_dict(kind, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
     return cls(**kwargs)
 
 
 def replace(cfg: T, **changes: Any) -> T:
     """Copy of a config with the given fields changed; None values mean 'keep the default'."""
     return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
-
-
-# Narrow CPU preset used by tests and the demo: 112 px frames, 2x pooled spectrogram (DESIGN.md).
-SMALL_VIDEO = VideoConfig(resize_shorter=128, crop=112)
-SMALL_MODEL = ModelConfig(width=0.125, spec_pool=2)
-# Adam at 1e-3, not the paper's 1e-4: measured on 2 CPU cores, 1e-4 needs several times longer
-# for narrow models (README). Validation is smaller and more frequent to fit a 2-minute run.
-SMALL_TRAIN = TrainConfig(
-    batch_size=32, lr=1e-3, val_every=50, checkpoint_every=100, val_pairs=256, val_clips=256
-)
 
 
 @dataclass(frozen=True)
@@ -214,10 +223,8 @@ class DemoConfig:
 
 
 __all__ = [
-    "SMALL_MODEL",
-    "SMALL_TRAIN",
-    "SMALL_VIDEO",
     "AudioConfig",
+    "AugmentConfig",
     "BenchConfig",
     "DemoConfig",
     "EmbedConfig",

@@ -108,11 +108,12 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoReport:
     from avindex.evaluate import evaluate
     from avindex.index import build_index
     from avindex.model import load_checkpoint
+    from avindex.presets import SMALL
     from avindex.scan import find_media
     from avindex.search import Query, search
     from avindex.sheet import write_sheet
     from avindex.synth import load_labels, make_corpus
-    from avindex.train import preset, train
+    from avindex.train import train
 
     out = Path(cfg.out).resolve()
     corpus, held, run, store = out / "corpus", out / "queries", out / "run", out / "store"
@@ -121,15 +122,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoReport:
     report = DemoReport(out)
     labels_file = _timed(report, "synth", say, lambda: make_corpus(corpus, cfg.corpus))
     held_labels = make_corpus(held, replace(cfg.corpus, videos=1, seed=cfg.corpus.seed + 1000))
-    model_cfg, audio_cfg, video_cfg, train_cfg = preset(
-        True, time_limit=cfg.train_seconds, seed=cfg.corpus.seed, device=cfg.device
-    )
-    result = _timed(
-        report,
-        "train",
-        say,
-        lambda: train([corpus], run, model_cfg, audio_cfg, video_cfg, train_cfg, labels_file),
-    )
+    preset = SMALL.configure(time_limit=cfg.train_seconds, seed=cfg.corpus.seed, device=cfg.device)
+    result = _timed(report, "train", say, lambda: train([corpus], run, preset, labels_file))
     report.train = result.to_dict()
     say(result.summary())
     best = run / "best.pt"
@@ -179,7 +173,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoReport:
                 f"{kind} query {query.path.name} (class {query.label}) -> {res.searched}: "
                 f"{right}/{len(found)} of the top {cfg.k} are class {query.label}"
             )
-        sheet = write_sheet(results, out / f"{sheet_name}.png", audio_cfg, cfg.k)
+        sheet = write_sheet(results, out / f"{sheet_name}.png", preset.audio, cfg.k)
         report.sheets.append(str(sheet))
     report.eval = _timed(report, "eval", say, lambda: evaluate(store, labels_file))
     (out / "demo.json").write_text(json.dumps(_jsonable(report), indent=2))

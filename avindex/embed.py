@@ -491,15 +491,13 @@ def _drain(out: queue.Queue, workers: Sequence[threading.Thread]) -> None:
 
 def model_source(checkpoint: Checkpoint, model_path: str | os.PathLike | None) -> dict:
     """How `search` can rebuild the model: random_checkpoint's arguments, or the checkpoint path."""
-    from avindex.config import SMALL_VIDEO
-
     if checkpoint.untrained:
         return {
             "random": {
+                "preset": checkpoint.preset,
                 "width": checkpoint.model_cfg.width,
                 "seed": checkpoint.extra["seed"],
                 "head": checkpoint.model_cfg.head,
-                "small": checkpoint.video_cfg == SMALL_VIDEO,
             }
         }
     return {"path": str(Path(model_path).resolve())} if model_path is not None else {}
@@ -523,6 +521,7 @@ def store_meta(
         video_config=to_dict(checkpoint.video_cfg),
         embed_config=to_dict(cfg),
         model_source=model_source(checkpoint, model_path),
+        preset=checkpoint.preset,
     )
 
 

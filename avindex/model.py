@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from avindex import config
 from avindex.config import AudioConfig, ModelConfig, TrainConfig, VideoConfig
 from avindex.errors import AvindexError
+from avindex.presets import get_preset
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -243,8 +244,10 @@ class L3Net(nn.Module):
         model_cfg: ModelConfig | None = None,
         audio_cfg: AudioConfig | None = None,
         video_cfg: VideoConfig | None = None,
+        preset: str | None = None,
     ) -> None:
         super().__init__()
+        self.preset = preset  # the preset the configs came from, recorded in checkpoints
         self.model_cfg = model_cfg or ModelConfig()
         self.audio_cfg = audio_cfg or AudioConfig()
         self.video_cfg = video_cfg or VideoConfig()
@@ -309,15 +312,6 @@ class L3Net(nn.Module):
             return (self.head.audio(a) if self.aligned else a).float()
 
 
-def preset_configs(
-    small: bool, width: float | None = None, head: str | None = None
-) -> tuple[ModelConfig, AudioConfig, VideoConfig]:
-    """Model/audio/video configs of the small CPU or the full paper preset, with overrides."""
-    model_cfg = config.SMALL_MODEL if small else ModelConfig()
-    video_cfg = config.SMALL_VIDEO if small else VideoConfig()
-    return config.replace(model_cfg, width=width, head=head), AudioConfig(), video_cfg
-
-
 @dataclass
 class Checkpoint:
     """A loaded (or generated) model, the configs that preprocess its input, its provenance."""
@@ -327,6 +321,7 @@ class Checkpoint:
     audio_cfg: AudioConfig
     video_cfg: VideoConfig
     sha256: str
+    preset: str | None = None  # None: a checkpoint written before presets were recorded
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     train_cfg: TrainConfig | None = None
@@ -361,6 +356,7 @@ def save_checkpoint(
     net = _unwrap(model)
     state = {
         "format": CHECKPOINT_FORMAT,
+        "preset": net.preset,
         "model_cfg": config.to_dict(net.model_cfg),
         "audio_cfg": config.to_dict(net.audio_cfg),
         "video_cfg": config.to_dict(net.video_cfg),
@@ -406,7 +402,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         model_cfg = config.from_dict(ModelConfig, state["model_cfg"])
         audio_cfg = config.from_dict(AudioConfig, state["audio_cfg"])
         video_cfg = config.from_dict(VideoConfig, state["video_cfg"])
-        model = L3Net(model_cfg, audio_cfg, video_cfg)
+        preset = state.get("preset")
+        model = L3Net(model_cfg, audio_cfg, video_cfg, preset=preset)
         model.load_state_dict(state["model"])
     except AvindexError:
         raise
@@ -422,6 +419,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         audio_cfg=audio_cfg,
         video_cfg=video_cfg,
         sha256=_sha256(data),
+        preset=preset,
         step=int(state.get("step", 0)),
         extra=dict(state.get("extra") or {}),
         train_cfg=config.from_dict(TrainConfig, train_cfg) if train_cfg else None,
@@ -431,17 +429,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
 
 
 def random_checkpoint(
-    width: float,
-    seed: int,
+    width: float | None = None,
+    seed: int = 0,
     head: str | None = None,
-    small: bool | None = None,
+    preset: str = "small",
     device: str | torch.device = "cpu",
 ) -> Checkpoint:
-    """Untrained seeded model (for timing the pipeline); small preset when width < 0.5."""
-    small = width < 0.5 if small is None else small
-    model_cfg, audio_cfg, video_cfg = preset_configs(small, width=width, head=head)
+    """Untrained seeded model of a preset (for timing the pipeline); `width` overrides the
+    preset's."""
+    chosen = get_preset(preset).configure(head=head, width=width)
+    model_cfg, audio_cfg, video_cfg = chosen.model, chosen.audio, chosen.video
     with _seeded(seed):
-        model = L3Net(model_cfg, audio_cfg, video_cfg)
+        model = L3Net(model_cfg, audio_cfg, video_cfg, preset=chosen.name)
     ident = {
         "random": True,
         "seed": seed,
@@ -451,7 +450,8 @@ def random_checkpoint(
     }
     extra = {
         "untrained": True,
-        "label": f"random untrained weights (width {width}, seed {seed}, head {model_cfg.head})",
+        "label": f"random untrained weights ({chosen.name} preset, width {model_cfg.width}, "
+        f"seed {seed}, head {model_cfg.head})",
         "seed": seed,
     }
     return Checkpoint(
@@ -460,6 +460,7 @@ def random_checkpoint(
         audio_cfg=audio_cfg,
         video_cfg=video_cfg,
         sha256=_sha256(json.dumps(ident, sort_keys=True).encode()),
+        preset=chosen.name,
         extra=extra,
     )
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from avindex.config import AudioConfig, TrainConfig, VideoConfig
+from avindex.config import AudioConfig, AugmentConfig, VideoConfig
 from avindex.errors import AvindexError
 
 if TYPE_CHECKING:
@@ -99,12 +99,12 @@ def _normalise(frames: Any, video_cfg: VideoConfig, layout: str, **crop_args: An
     )
 
 
-def _frame_graph(frames: Any, video_cfg: VideoConfig, jitter: TrainConfig | None) -> Any:
+def _frame_graph(frames: Any, video_cfg: VideoConfig, augment: AugmentConfig | None) -> Any:
     """Scaled HWC uint8 frames -> (3, crop, crop) float: centre crop, or train augmentation."""
     from nvidia.dali import fn
 
     c = video_cfg.crop
-    if jitter is None:
+    if augment is None:
         return _normalise(frames, video_cfg, "CHW", crop=(c, c))
     # Crop first so the colour jitter touches only crop x crop pixels.
     frames = fn.crop(
@@ -113,11 +113,11 @@ def _frame_graph(frames: Any, video_cfg: VideoConfig, jitter: TrainConfig | None
         crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
         crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
     )
-    if jitter.brightness_jitter > 0 or jitter.saturation_jitter > 0:
+    if augment.brightness_jitter > 0 or augment.saturation_jitter > 0:
         frames = fn.color_twist(
             frames,
-            brightness=_random_factor(jitter.brightness_jitter),
-            saturation=_random_factor(jitter.saturation_jitter),
+            brightness=_random_factor(augment.brightness_jitter),
+            saturation=_random_factor(augment.saturation_jitter),
         )
     return _normalise(frames, video_cfg, "CHW", mirror=fn.random.coin_flip(probability=0.5))
 
@@ -130,12 +130,12 @@ def _random_factor(spread: float) -> Any:
     return fn.random.uniform(range=(1.0 - spread, 1.0 + spread)) if spread > 0 else 1.0
 
 
-def _spectrogram_graph(audio: Any, audio_cfg: AudioConfig, jitter: TrainConfig | None) -> Any:
+def _spectrogram_graph(audio: Any, audio_cfg: AudioConfig, augment: AugmentConfig | None) -> Any:
     """(n_samples,) float audio -> (n_freq, n_frames) dB re amplitude 1.0, optional random gain."""
     from nvidia.dali import fn
 
-    if jitter is not None and jitter.volume_jitter > 0:
-        gain = _random_factor(jitter.volume_jitter)  # one factor for the whole sample (paper)
+    if augment is not None and augment.volume_jitter > 0:
+        gain = _random_factor(augment.volume_jitter)  # one factor for the whole sample (paper)
         audio = audio * (gain.gpu() if audio.device == "gpu" else gain)
     # power=2 with multiplier 10 equals 20*log10(magnitude) and skips a sqrt per bin.
     spec = fn.spectrogram(
@@ -162,9 +162,10 @@ class Preprocessor:
         train: bool = False,
         seed: int = 0,
         threads: int = 2,
-        jitter: TrainConfig | None = None,
+        augment: AugmentConfig | None = None,
     ) -> None:
-        """Configure; pipelines build on first use (`jitter` defaults to TrainConfig() if train)."""
+        """Configure; pipelines build on first use (`augment` defaults to AugmentConfig() if
+        train)."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
         if video_cfg.crop > video_cfg.resize_shorter:
@@ -175,7 +176,7 @@ class Preprocessor:
         self.audio_cfg, self.video_cfg = audio_cfg, video_cfg
         self.batch_size, self.device, self.train = batch_size, device, train
         self.seed, self.threads = seed, threads
-        self.jitter = (jitter or TrainConfig()) if train else None
+        self.augment = (augment or AugmentConfig()) if train else None
         # Keyed by (frames?, audio?, resize?). Resizing an already-scaled frame costs ~8x the
         # crop+normalise (measured ~7000 vs ~800 frames/s at batch 64 on 2 cores), so frames that
         # arrive scaled (PyAV path) skip fn.resize in a pipeline of their own.
@@ -250,11 +251,11 @@ class Preprocessor:
                 frames = frames.gpu() if gpu else frames
                 if resize:
                     frames = fn.resize(frames, resize_shorter=self.video_cfg.resize_shorter)
-                outputs.append(_frame_graph(frames, self.video_cfg, self.jitter))
+                outputs.append(_frame_graph(frames, self.video_cfg, self.augment))
             if with_audio:
                 audio = fn.external_source(name="audio", dtype=types.FLOAT, ndim=1)
                 audio = audio.gpu() if gpu else audio
-                outputs.append(_spectrogram_graph(audio, self.audio_cfg, self.jitter))
+                outputs.append(_spectrogram_graph(audio, self.audio_cfg, self.augment))
             return tuple(outputs)
 
         pipe = pipeline()

@@ -244,8 +244,10 @@ def resolve_model(
                 "pass the checkpoint it was embedded with"
             )
         label = "--model random"
+        # Stores written before presets were named recorded a `small` flag instead.
+        preset = spec.get("preset") or ("small" if spec.get("small") else "paper")
         ckpt = random_checkpoint(
-            spec["width"], spec["seed"], head=spec["head"], small=spec["small"], device=device
+            spec["width"], spec["seed"], head=spec["head"], preset=preset, device=device
         )
     else:
         label = model or source.get("path")

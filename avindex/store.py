@@ -44,6 +44,7 @@ class StoreMeta:
     # How to get the model back for queries: {"path": checkpoint} or {"random": {...}}; search
     # checks the rebuilt model's sha256 against model_sha256, so this is a hint, not identity.
     model_source: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None  # the model's preset (None: unknown, e.g. an older store)
 
     def dim(self, modality: str) -> int:
         """Embedding size of one modality."""
@@ -62,6 +63,7 @@ class StoreMeta:
             "video_config": json.dumps(self.video_config),
             "embed_config": json.dumps(self.embed_config),
             "model_source": json.dumps(self.model_source),
+            "preset": self.preset or "",
         }
 
     @classmethod
@@ -77,6 +79,7 @@ class StoreMeta:
             video_config=json.loads(attrs["video_config"]),
             embed_config=json.loads(attrs["embed_config"]),
             model_source=json.loads(attrs.get("model_source", "{}")),
+            preset=str(attrs.get("preset", "")) or None,
         )
 
     def mismatch(self, other: StoreMeta) -> str | None:

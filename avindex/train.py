@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from avindex import config
-from avindex.config import AudioConfig, ModelConfig, TrainConfig, VideoConfig
+from avindex.config import TrainConfig
 from avindex.distributed import agree_stop, capture_rng, model_threads, restore_rng, setup_dist
 from avindex.errors import AvindexError
+from avindex.presets import SMALL, Preset
 
 if TYPE_CHECKING:
     from avindex.model import L3Net
@@ -276,8 +277,7 @@ class Trainer:
         self,
         videos: Sequence[str | Path],
         out: str | Path,
-        cfgs: tuple[ModelConfig, AudioConfig, VideoConfig],
-        cfg: TrainConfig,
+        preset: Preset,
         labels: str | Path | None,
         resume: bool,
         progress: bool,
@@ -286,10 +286,10 @@ class Trainer:
         import torch
 
         self.started = time.monotonic()
-        self.out, self.cfg, self.labels, self.progress = Path(out), cfg, labels, progress
-        self.dist = setup_dist(cfg.device)
+        self.out, self.cfg, self.labels, self.progress = Path(out), preset.train, labels, progress
+        self.dist = setup_dist(self.cfg.device)
         try:
-            self._setup(videos, cfgs, resume, overwrite)
+            self._setup(videos, preset, resume, overwrite)
         except BaseException:
             # run() (which normally destroys the group) will never be called on this trainer.
             if self.dist.initialised:
@@ -299,7 +299,7 @@ class Trainer:
     def _setup(
         self,
         videos: Sequence[str | Path],
-        cfgs: tuple[ModelConfig, AudioConfig, VideoConfig],
+        preset: Preset,
         resume: bool,
         overwrite: bool,
     ) -> None:
@@ -325,7 +325,7 @@ class Trainer:
             for name in (LAST, BEST, METRICS):
                 (self.out / name).unlink(missing_ok=True)
             torch.manual_seed(cfg.seed)
-            self.model = L3Net(*cfgs)
+            self.model = L3Net(preset.model, preset.audio, preset.video, preset=preset.name)
         self.model.to(self.dist.device).train()
         self.net: torch.nn.Module = self.model
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
@@ -371,7 +371,7 @@ class Trainer:
             train=train,
             seed=seed,
             threads=1,  # measured: the model, not DALI, limits a 2-core machine
-            jitter=cfg,
+            augment=cfg.augment,
         )
 
     def _stream(self) -> PairStream:
@@ -538,10 +538,7 @@ class Trainer:
 def train(
     videos: Sequence[str | Path],
     out: str | Path,
-    model_cfg: ModelConfig | None = None,
-    audio_cfg: AudioConfig | None = None,
-    video_cfg: VideoConfig | None = None,
-    train_cfg: TrainConfig | None = None,
+    preset: Preset | None = None,
     labels: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -549,13 +546,12 @@ def train(
 ) -> TrainResult:
     """Train L3Net on AVC pairs from `videos`, writing out/last.pt, out/best.pt, out/metrics.jsonl.
 
-    With resume=True the model, configs, optimizer, step and RNG state come from out/last.pt; the
+    `preset` (default: the small one) gives the model, audio, video and training configs. With
+    resume=True the model, its configs, optimizer, step and RNG state come from out/last.pt; the
     train config (max steps, time limit...) comes from the caller. A fresh run refuses an `out`
     that already holds one unless overwrite=True (which deletes its checkpoints and metrics).
     """
-    cfgs = (model_cfg or ModelConfig(), audio_cfg or AudioConfig(), video_cfg or VideoConfig())
-    cfg = train_cfg or TrainConfig()
-    trainer = Trainer(videos, out, cfgs, cfg, labels, resume, progress, overwrite)
+    trainer = Trainer(videos, out, preset or SMALL, labels, resume, progress, overwrite)
     return trainer.run()
 
 
@@ -567,17 +563,6 @@ def _media(inputs: Sequence[str | Path]) -> list[Path]:
     if not found:
         raise AvindexError("no media files found under the given paths; pass videos or folders")
     return found
-
-
-def preset(
-    small: bool, head: str | None = None, width: float | None = None, **train: Any
-) -> tuple[ModelConfig, AudioConfig, VideoConfig, TrainConfig]:
-    """Configs for `avindex train`: the small CPU preset or the paper's, with flag overrides."""
-    from avindex.model import preset_configs
-
-    model_cfg, audio_cfg, video_cfg = preset_configs(small, width=width, head=head)
-    base = config.SMALL_TRAIN if small else TrainConfig()
-    return model_cfg, audio_cfg, video_cfg, config.replace(base, **train)
 
 
 def resume_train_config(out: str | Path, **overrides: Any) -> TrainConfig | None:

@@ -7,32 +7,37 @@ import pytest
 import torch
 from torch import nn
 
-from avindex.config import SMALL_MODEL, SMALL_VIDEO, AudioConfig
+from avindex.config import AudioConfig
 from avindex.errors import AvindexError
 from avindex.model import (
     HEADS,
     L3Net,
     best_threshold,
     load_checkpoint,
-    preset_configs,
     random_checkpoint,
     save_checkpoint,
     tower_channels,
 )
+from avindex.presets import PAPER, SMALL
 
 
 def _batch(n: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ac = AudioConfig()
-    frames = torch.randn(n, 3, SMALL_VIDEO.crop, SMALL_VIDEO.crop, generator=g)
+    frames = torch.randn(n, 3, SMALL.video.crop, SMALL.video.crop, generator=g)
     specs = torch.randn(n, 1, ac.n_freq, ac.n_frames, generator=g) * 20 - 60
     labels = torch.arange(n) % 2
     return frames, specs, labels
 
 
+def _net(preset, head: str) -> L3Net:
+    chosen = preset.configure(head=head)
+    return L3Net(chosen.model, chosen.audio, chosen.video, preset=chosen.name)
+
+
 def _model(head: str, seed: int = 0) -> L3Net:
     torch.manual_seed(seed)
-    return L3Net(*preset_configs(True, head=head))
+    return _net(SMALL, head)
 
 
 def test_tower_channels_follow_paper() -> None:
@@ -62,7 +67,7 @@ def test_heads_forward_backward_and_encode(head: str) -> None:
     v, a = model.encode_visual(frames), model.encode_audio(specs)
     assert v.shape == a.shape == (6, model.embed_dim)
     if head == "l3":
-        assert model.embed_dim == SMALL_MODEL.width * 512
+        assert model.embed_dim == SMALL.model.width * 512
     else:
         torch.testing.assert_close(v.norm(dim=1), torch.ones(6), atol=1e-5, rtol=0)
         torch.testing.assert_close(a.norm(dim=1), torch.ones(6), atol=1e-5, rtol=0)
@@ -116,7 +121,8 @@ def test_checkpoint_round_trip_rebuilds_identical_model(tmp_path, head: str) -> 
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temp file left behind
     ck = load_checkpoint(path)
     assert ck.sha256 == sha and ck.step == 7 and ck.extra == {"note": "x"} and ck.rng == {"seed": 3}
-    assert ck.model_cfg == model.model_cfg and ck.video_cfg == SMALL_VIDEO
+    assert ck.model_cfg == model.model_cfg and ck.video_cfg == SMALL.video
+    assert ck.preset == ck.model.preset == "small", "the preset name is recorded, not guessed"
     assert not ck.model.training
     assert torch.equal(ck.model.encode_visual(frames), model.encode_visual(frames))
     assert torch.equal(ck.model.encode_audio(specs), model.encode_audio(specs))
@@ -141,7 +147,9 @@ def test_random_checkpoint_is_seeded_and_labelled() -> None:
     assert a.sha256 == b.sha256 != c.sha256
     assert torch.equal(a.model.encode_visual(frames), b.model.encode_visual(frames))
     assert not torch.equal(a.model.encode_visual(frames), c.model.encode_visual(frames))
-    assert a.video_cfg == SMALL_VIDEO and random_checkpoint(1.0, 0).video_cfg.crop == 224
+    assert a.video_cfg == SMALL.video and a.preset == "small"
+    paper = random_checkpoint(seed=0, preset="paper")
+    assert paper.video_cfg.crop == 224 and paper.model_cfg.width == 1.0
 
 
 def test_best_threshold_matches_brute_force() -> None:
@@ -164,7 +172,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("head", HEADS)
 def test_cuda_bf16_channels_last_matches_fp32(head: str) -> None:
     torch.manual_seed(0)
-    model = L3Net(*preset_configs(False, head=head)).eval()
+    model = _net(PAPER, head).eval()
     frames = torch.randn(4, 3, 224, 224)
     specs = torch.randn(4, 1, 257, 199) * 20 - 60
     want_v, want_a = model.encode_visual(frames), model.encode_audio(specs)
@@ -181,7 +189,7 @@ def test_cuda_bf16_channels_last_matches_fp32(head: str) -> None:
 @cuda
 def test_cuda_training_steps_and_checkpoint(tmp_path) -> None:
     torch.manual_seed(0)
-    model = L3Net(*preset_configs(False, head="contrastive")).cuda().train()
+    model = _net(PAPER, "contrastive").cuda().train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     frames = torch.randn(16, 3, 224, 224, device="cuda")
     specs = torch.randn(16, 1, 257, 199, device="cuda") * 20 - 60
@@ -198,3 +206,16 @@ def test_cuda_training_steps_and_checkpoint(tmp_path) -> None:
     save_checkpoint(tmp_path / "gpu.pt", model, opt, step=5)
     ck = load_checkpoint(tmp_path / "gpu.pt", device="cuda")
     assert torch.equal(ck.model.encode_visual(frames), model.encode_visual(frames))
+
+
+def test_presets_are_named_and_unknown_names_are_user_errors() -> None:
+    from avindex.errors import AvindexError
+    from avindex.presets import PRESETS, default_preset, get_preset
+
+    assert set(PRESETS) >= {"small", "paper"} and get_preset("paper") is PAPER
+    assert default_preset("cuda") is PAPER and default_preset("cpu") is SMALL
+    with pytest.raises(AvindexError, match="--preset 'tiny'"):
+        get_preset("tiny")
+    wide = SMALL.configure(width=0.5, lr=0.01)
+    assert wide.name == "small" and wide.model.width == 0.5 and wide.train.lr == 0.01
+    assert wide.video == SMALL.video and SMALL.model.width == 0.125

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from avindex.config import SMALL_VIDEO, AudioConfig, TrainConfig, VideoConfig
+from avindex import presets
+from avindex.config import AudioConfig, AugmentConfig, VideoConfig
 from avindex.errors import AvindexError
 from avindex.pipelines import (
     Preprocessor,
@@ -18,7 +19,7 @@ from avindex.pipelines import (
 )
 
 AUDIO = AudioConfig()
-SMALL = SMALL_VIDEO
+SMALL = presets.SMALL.video
 # Spectrogram tolerance: DALI's FFT is float32, the reference float64, so the error grows as a bin
 # falls below the clip's peak: bins within 80 dB of the peak agree within 0.01 dB (measured
 # <= 0.003 dB); bins 100+ dB below it sit at float32's rounding noise and get 2 dB (measured 1.6).
@@ -162,11 +163,11 @@ def candidate_crops(frame: np.ndarray, crop: int) -> np.ndarray:
 
 
 def test_train_crops_and_flips_are_exact_random_and_seeded() -> None:
-    no_colour = TrainConfig(brightness_jitter=0.0, saturation_jitter=0.0)
+    no_colour = AugmentConfig(brightness_jitter=0.0, saturation_jitter=0.0)
     frame = noise_frames(1, 128, 150)[0]
     n = 8
     audio = np.zeros((n, AUDIO.n_samples), np.float32)
-    pre = Preprocessor(AUDIO, SMALL, batch_size=n, train=True, seed=3, jitter=no_colour)
+    pre = Preprocessor(AUDIO, SMALL, batch_size=n, train=True, seed=3, augment=no_colour)
     out = pre([frame] * n, audio)[0].numpy()
     mean, std = np.asarray(SMALL.mean), np.asarray(SMALL.std)
     pixels = np.rint((out.transpose(0, 2, 3, 1) * std + mean) * 255.0)
@@ -177,9 +178,9 @@ def test_train_crops_and_flips_are_exact_random_and_seeded() -> None:
     half = len(cands) // 2
     assert len({k % half for k in picks}) > 1  # crop positions vary
     assert 0 < sum(k >= half for k in picks) < n  # some mirrored, some not
-    again = Preprocessor(AUDIO, SMALL, batch_size=n, train=True, seed=3, jitter=no_colour)
+    again = Preprocessor(AUDIO, SMALL, batch_size=n, train=True, seed=3, augment=no_colour)
     assert np.array_equal(again([frame] * n, audio)[0].numpy(), out)
-    other = Preprocessor(AUDIO, SMALL, batch_size=n, train=True, seed=4, jitter=no_colour)
+    other = Preprocessor(AUDIO, SMALL, batch_size=n, train=True, seed=4, augment=no_colour)
     assert not np.array_equal(other([frame] * n, audio)[0].numpy(), out)
 
 
@@ -187,8 +188,8 @@ def test_train_colour_jitter_varies_within_bounds() -> None:
     frame = smooth_frames(1, 128, 128)[0]
     n = 8
     audio = np.zeros((n, AUDIO.n_samples), np.float32)
-    jit = TrainConfig(brightness_jitter=0.2, saturation_jitter=0.0)
-    out = Preprocessor(AUDIO, SMALL, batch_size=n, train=True, jitter=jit)([frame] * n, audio)[0]
+    jit = AugmentConfig(brightness_jitter=0.2, saturation_jitter=0.0)
+    out = Preprocessor(AUDIO, SMALL, batch_size=n, train=True, augment=jit)([frame] * n, audio)[0]
     mean, std = np.asarray(SMALL.mean), np.asarray(SMALL.std)
     level = ((out.numpy().transpose(0, 2, 3, 1) * std + mean) * 255.0).mean(axis=(1, 2, 3))
     base = reference_frame(frame, SMALL).transpose(1, 2, 0) * std + mean

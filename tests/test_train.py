@@ -21,8 +21,9 @@ from avindex.config import SynthConfig
 from avindex.model import load_checkpoint
 from avindex.pairs import Sample, build_pairs, mismatch_by_video, sample_moments, split_videos
 from avindex.pairs import Video as PairVideo
+from avindex.presets import SMALL
 from avindex.synth import make_corpus
-from avindex.train import BEST, LAST, METRICS, preset, train
+from avindex.train import BEST, LAST, METRICS, train
 
 CORPUS = SynthConfig(videos=8, seconds=6, classes=4, seed=4242, width=64, height=48)
 # Tiny, fast settings: 2 held-out videos, small batches and validation sets.
@@ -48,8 +49,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _configs(**train_overrides):
-    return preset(True, **{**FAST, **train_overrides})
+def _preset(**train_overrides):
+    return SMALL.configure(**{**FAST, **train_overrides})
 
 
 def _records(run: Path, kind: str) -> list[dict]:
@@ -70,8 +71,9 @@ def trained(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     handler = Collect(level=logging.WARNING)
     logging.getLogger("avindex").addHandler(handler)
     try:
-        m, a, v, t = _configs(max_steps=STEPS)
-        result = train([corpus], run, m, a, v, t, labels=corpus / "labels.csv", progress=False)
+        result = train(
+            [corpus], run, _preset(max_steps=STEPS), labels=corpus / "labels.csv", progress=False
+        )
     finally:
         logging.getLogger("avindex").removeHandler(handler)
     return run, result, warnings
@@ -163,8 +165,8 @@ def test_decode_error_skips_only_that_video(monkeypatch, caplog) -> None:
             )
 
     monkeypatch.setattr(pairs, "read_moments", fake_read_moments)
-    _, a, v, t = _configs(shuffle_buffer=8)
-    stream = pairs.PairStream(videos, a, v, t, preprocess=None, seed=(0,))
+    p = _preset(shuffle_buffer=8)
+    stream = pairs.PairStream(videos, p.audio, p.video, p.train, preprocess=None, seed=(0,))
     with caplog.at_level(logging.WARNING, logger="avindex.pairs"):
         stream._spawn(stream._decode_loop, 0)  # the decode worker alone: no preprocessing here
         seen: set[int] = set()
@@ -216,9 +218,13 @@ def test_resume_continues_with_optimizer_state(trained, corpus: Path, tmp_path: 
     run, _, _ = trained
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
-    m, a, v, t = _configs(max_steps=STEPS + 10)
     result = train(
-        [corpus], resumed, m, a, v, t, labels=corpus / "labels.csv", resume=True, progress=False
+        [corpus],
+        resumed,
+        _preset(max_steps=STEPS + 10),
+        labels=corpus / "labels.csv",
+        resume=True,
+        progress=False,
     )
     assert result.step == STEPS + 10
     steps = _records(resumed, "train")
@@ -235,17 +241,15 @@ def test_fresh_run_refuses_a_folder_holding_a_run(trained, corpus: Path) -> None
     from avindex.errors import AvindexError
 
     run, _, _ = trained
-    m, a, v, t = _configs(max_steps=1)
     with pytest.raises(AvindexError, match="already holds a run"):
-        train([corpus], run, m, a, v, t, progress=False)
+        train([corpus], run, _preset(max_steps=1), progress=False)
 
 
 def test_resume_without_checkpoint_is_a_user_error(corpus: Path, tmp_path: Path) -> None:
     from avindex.errors import AvindexError
 
-    m, a, v, t = _configs(max_steps=1)
     with pytest.raises(AvindexError, match="nothing to resume"):
-        train([corpus], tmp_path, m, a, v, t, resume=True, progress=False)
+        train([corpus], tmp_path, _preset(max_steps=1), resume=True, progress=False)
 
 
 def test_init_error_destroys_the_process_group(corpus: Path, tmp_path: Path, monkeypatch) -> None:
@@ -261,9 +265,8 @@ def test_init_error_destroys_the_process_group(corpus: Path, tmp_path: Path, mon
         return Dist(device="cpu", initialised=True)
 
     monkeypatch.setattr(train_module, "setup_dist", one_process_group)
-    m, a, v, t = _configs(max_steps=1)
     with pytest.raises(AvindexError, match="nothing to resume"):
-        train([corpus], tmp_path / "run", m, a, v, t, resume=True, progress=False)
+        train([corpus], tmp_path / "run", _preset(max_steps=1), resume=True, progress=False)
     assert not td.is_initialized()
 
 

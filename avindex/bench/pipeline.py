@@ -53,6 +53,7 @@ def embed_bench(
 def train_bench(
     paths: Sequence[Path],
     workdir: Path,
+    preset: str,
     width: float,
     device: str,
     steps: int,
@@ -60,10 +61,10 @@ def train_bench(
     batch_size: int | None = None,
 ) -> dict[str, Any]:
     """A short training run: AVC pairs/s and the fraction of step time spent waiting for data."""
-    from avindex.train import METRICS, preset, train
+    from avindex.presets import get_preset
+    from avindex.train import METRICS, train
 
-    model_cfg, audio_cfg, video_cfg, train_cfg = preset(
-        device != "cuda",
+    chosen = get_preset(preset).configure(
         width=width,
         max_steps=steps + TRAIN_WARMUP_STEPS,
         val_every=0,
@@ -74,7 +75,7 @@ def train_bench(
         batch_size=batch_size,
     )
     out = workdir / "train"
-    train(paths, out, model_cfg, audio_cfg, video_cfg, train_cfg, progress=False)
+    train(paths, out, chosen, progress=False)
     with open(out / METRICS) as fh:
         steps_log = [r for r in map(json.loads, fh) if r.get("kind") == "train"]
     shutil.rmtree(out, ignore_errors=True)
@@ -83,8 +84,8 @@ def train_bench(
     wait = sum(r["data_wait_s"] for r in steady)
     compute = sum(r["compute_s"] for r in steady)
     return {
-        "width": model_cfg.width,
-        "batch_size": train_cfg.batch_size,
+        "width": chosen.model.width,
+        "batch_size": chosen.train.batch_size,
         "steps_timed": len(steady),
         "pairs_per_s": pairs / (wait + compute),
         "compute_pairs_per_s": pairs / compute,

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from avindex.config import SMALL_MODEL, BenchConfig, EmbedConfig, ModelConfig, replace, to_dict
+from avindex.config import BenchConfig, EmbedConfig, replace, to_dict
 from avindex.errors import AvindexError
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,14 @@ def run_bench(
     from avindex.bench.report import assess
     from avindex.devices import resolve_device
     from avindex.model import random_checkpoint
+    from avindex.presets import default_preset
 
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    width = cfg.width or (ModelConfig().width if device == "cuda" else SMALL_MODEL.width)
+    preset = default_preset(device)
     embed_cfg = replace(embed_cfg or EmbedConfig(), device=device)
-    checkpoint = random_checkpoint(width, cfg.seed, device=device)
+    checkpoint = random_checkpoint(cfg.width, cfg.seed, preset=preset.name, device=device)
+    width = checkpoint.model_cfg.width
     result: dict[str, Any] = {
         "schema": 1,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -140,7 +142,8 @@ def _run_stage(
     if stage == "train":
         from avindex.bench.pipeline import train_bench
 
-        args = (checkpoint.model_cfg.width, device, cfg.train_steps, cfg.seed, cfg.train_batch)
+        args = (checkpoint.preset, checkpoint.model_cfg.width, device, cfg.train_steps, cfg.seed)
+        args = (*args, cfg.train_batch)
         return {"train": train_bench(corpus.paths, work, *args)}
     from avindex.bench.indexing import index_bench
 
