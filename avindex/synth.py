@@ -30,7 +30,7 @@ CODECS: dict[str, tuple[str | None, str | None, str]] = {
     ".mp3": (None, "libmp3lame", ""),
     ".ogg": (None, "libopus", ""),
 }
-LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1"}
+LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1", 8: "7.1"}
 _VIDEO_OPTIONS = {
     "libx264": {"preset": "veryfast", "crf": "18"},
     "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b": "0"},
@@ -116,8 +116,9 @@ class _AudioWriter:
         stop = total if seconds >= total / self.rate else round(seconds * self.rate)
         if stop <= self.done:
             return
-        chunk = np.ascontiguousarray(self.planar[:, self.done : stop])
-        frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=self.layout)
+        # Packed samples: PyAV's planar from_ndarray fails beyond 8 channels (7.1 and more).
+        chunk = np.ascontiguousarray(self.planar[:, self.done : stop].T).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout=self.layout)
         frame.sample_rate, frame.pts, frame.time_base = self.rate, self.done, Fraction(1, self.rate)
         self.container.mux(self.stream.encode(frame))
         self.done = stop

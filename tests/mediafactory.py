@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import wave
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,7 @@ GOOD = [
         audio_codec="aac",
     ),
     Spec("audio51.mp4", channels=6, video_codec="h264", audio_codec="aac"),
+    Spec("audio71.mp4", channels=8, video_codec="h264", audio_codec="aac"),
     Spec(
         "audio51_8k.avi",
         seconds=2.0,
@@ -197,6 +199,48 @@ def write_bad(folder: Path) -> dict[str, Path]:
     middle[start : start + 2000] = rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()
     paths[CORRUPT_MIDDLE].write_bytes(bytes(middle))
     return paths
+
+
+def write_wav(path: Path, seconds: float, rate: int, channels: int) -> Path:
+    """16-bit PCM WAV with any channel count (the soundtrack, so its mono mix is known)."""
+    samples = np.clip(soundtrack(seconds, rate, channels) * 32767, -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.tobytes())
+    return path
+
+
+def moving_frames(n: int, size: tuple[int, int]) -> np.ndarray:
+    """n frames of smooth motion (drifting gradients and a moving disc): encoders use B-frames
+    and references on it as they do on natural video."""
+    width, height = size
+    x, y = np.arange(width)[None, :], np.arange(height)[:, None]
+    frames = np.empty((n, height, width, 3), dtype=np.uint8)
+    for i in range(n):
+        frames[i, ..., 0] = (x * 255 // width + 2 * i) % 256
+        frames[i, ..., 1] = (y * 255 // height + i) % 256
+        frames[i, ..., 2] = 96
+        cx, cy = (width // 4 + 3 * i) % width, height // 2
+        frames[i][(x - cx) ** 2 + (y - cy) ** 2 < (height // 6) ** 2] = 255
+    return frames
+
+
+def write_coded(
+    path: Path, codec: str, options: dict[str, str], frames: np.ndarray, fps: float = 25.0
+) -> Path:
+    """A video-only file made with a given encoder and options (e.g. x264 defaults)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=round(fps), options=options)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
 
 
 def build_zoo(folder: Path) -> dict[str, tuple[Path, int | None]]:

@@ -10,14 +10,13 @@ import pytest
 from PIL import Image
 
 from avindex.config import AudioConfig, VideoConfig
+from avindex.decode import Moment, read_moments
 from avindex.media import (
     MediaError,
-    Moment,
     clip_starts,
     decode_audio,
     load_image,
     probe,
-    read_moments,
     scaled_size,
 )
 from avindex.synth import write_video
@@ -285,7 +284,6 @@ def test_load_image(tmp_path) -> None:
 def test_audio_only_reading_gives_the_same_windows(media_zoo):
     """frames=False (frames decoded by NVDEC elsewhere) keeps the audio and its placement."""
     from avindex.config import AudioConfig, VideoConfig
-    from avindex.media import Moment, read_moments
 
     for name in ("h264_aac.mp4", "vfr.mp4", "no_audio.mp4", "audio51_8k.avi"):
         path = media_zoo[name][0]

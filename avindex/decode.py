@@ -1,0 +1,572 @@
+"""Streaming clip decoding: one demux pass per file, only the frames clips need, audio on the
+video's timeline.
+
+A clip needs the frame nearest a target time. Video packets are held back only as long as it takes
+to know each frame's neighbours in presentation order (a few packets: the reorder depth); a frame
+whose time range holds no target is then decoded with libavcodec's skip_frame=NONREF, so the
+decoder drops it when no other frame refers to it (for intra-only codecs it is not decoded at all).
+Frames a clip needs are never skipped, so the chosen frames are exactly those of a full decode.
+See docs/architecture.md ("Decoding").
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import NamedTuple
+
+import av
+import numpy as np
+
+from avindex.config import AudioConfig, VideoConfig
+from avindex.media import (
+    EPS,
+    MediaError,
+    PacketClock,
+    check_audio_rate,
+    clip_starts,
+    frame_to_rgb,
+    mono,
+    open_media,
+    probe,
+    reason,
+    resampler,
+    set_threads,
+    start_pts,
+    video_stream,
+)
+
+log = logging.getLogger(__name__)
+
+# Audio chunks whose pts land this close to the end of the buffer are appended contiguously, so
+# encoder rounding of pts never opens or overlaps tiny gaps (2 ms at 48 kHz).
+_SNAP_SECONDS = 0.002
+# Once video is this far (seconds) past a clip's audio window with no audio arriving, the audio
+# track is treated as ended, so a short soundtrack cannot make chosen frames pile up unboundedly.
+_MAX_AV_LAG = 10.0
+# Codecs whose decoders honour skip_frame per packet, checked frame for frame against a full decode
+# (tests/test_decode.py). Others are decoded whole.
+SKIP_NONREF_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "mpeg4", "mpeg2video", "mpeg1video"})
+# A frame is kept when a target lies within this many seconds of its time range: float rounding
+# of pts * time_base can then only decode a frame more, never skip one a clip needs.
+_TIME_SLACK = 1e-6
+# Undecided packets beyond this many mean timestamps that do not behave; skipping then stops.
+_MAX_LOOKAHEAD = 512
+
+
+class Moment(NamedTuple):
+    """What to read: the frame nearest `frame_time` and audio from `audio_start` (seconds, t=0 =
+    first video frame)."""
+
+    frame_time: float
+    audio_start: float
+
+
+class MomentData(NamedTuple):
+    """One read moment: RGB frame (HxWx3 uint8), mono float32 audio window, and whether real
+    audio was present in that window."""
+
+    moment: Moment
+    frame: np.ndarray | None
+    audio: np.ndarray
+    has_audio: bool
+
+
+@dataclass
+class DecodeStats:
+    """What one read did: frames in the stream and decoded, the duration found, damage met."""
+
+    frames_total: int = 0  # video packets demuxed
+    frames_decoded: int = 0  # frames the decoder produced
+    duration: float | None = None  # end of the last frame (read_clip_grid), seconds
+    skipping: bool = False  # whether unneeded frames were skipped
+    bad_packets: int = 0  # packets the decoder rejected (skipped)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def decoded_fraction(self) -> float:
+        """Share of the stream's frames that were decoded."""
+        return self.frames_decoded / self.frames_total if self.frames_total else 0.0
+
+
+def clip_moment(t0: float, clip_seconds: float) -> Moment:
+    """What the clip starting at `t0` reads: audio [t0, t0 + clip), the frame nearest its middle."""
+    return Moment(frame_time=t0 + clip_seconds / 2, audio_start=t0)
+
+
+class _Schedule:
+    """The moments to read: an explicit list sorted by frame time, or the clip grid of a video
+    whose length is learnt while reading (grid moments are added as the video advances)."""
+
+    def __init__(
+        self, moments: Sequence[Moment] | None, hop: float | None, clip_seconds: float
+    ) -> None:
+        self.hop, self.clip = hop, clip_seconds
+        self.moments = list(moments or [])
+        self.closed = hop is None  # an explicit list is complete from the start
+        self.frame_times = np.array([m.frame_time for m in self.moments])
+        # Earliest audio start among moments i.. (explicit moments' audio is not sorted).
+        starts = np.array([m.audio_start for m in self.moments] + [math.inf])
+        self.audio_floor = np.minimum.accumulate(starts[::-1])[::-1]
+
+    def __len__(self) -> int:
+        return len(self.moments)
+
+    def extend_to(self, t: float) -> None:
+        """Grid: add the moments whose frame time is at most `t`."""
+        while not self.closed and self.hop is not None:
+            t0 = len(self.moments) * self.hop
+            if t0 + self.clip / 2 > t:
+                return
+            self.moments.append(clip_moment(t0, self.clip))
+
+    def earliest_audio(self, i: int) -> float:
+        """Earliest audio start (seconds) of moments i, i+1, ... (inf when none is left)."""
+        if self.hop is not None:
+            return i * self.hop
+        return float(self.audio_floor[min(i, len(self.moments))])
+
+    def has_target(self, lo: float, hi: float) -> bool:
+        """Whether some moment's frame time T lies in (lo, hi] (grid: any grid time, unbounded)."""
+        lo, hi = lo - _TIME_SLACK, hi + _TIME_SLACK
+        if self.hop is not None:
+            first = math.floor((lo - self.clip / 2) / self.hop) + 1 if math.isfinite(lo) else 0
+            first = max(0, first)
+            return first * self.hop + self.clip / 2 <= hi
+        at = bisect.bisect_right(self.frame_times, lo)
+        return at < len(self.frame_times) and self.frame_times[at] <= hi
+
+    def confirmed(self, i: int, seen_end: float) -> bool:
+        """Whether moment i is a clip of the video: explicit moments are; a grid clip is once the
+        video is known to reach its end (or the grid was closed at the real duration)."""
+        if self.closed:
+            return i < len(self.moments)
+        return self.moments[i].audio_start + self.clip <= seen_end + EPS * (self.hop or 1.0)
+
+    def close(self, duration: float) -> None:
+        """Grid: the video's duration is known; keep exactly its clips (the one clip formula)."""
+        if self.closed:
+            return
+        self.closed = True
+        n = len(clip_starts(duration, self.hop, self.clip))
+        del self.moments[n:]
+        while len(self.moments) < n:
+            self.moments.append(clip_moment(len(self.moments) * self.hop, self.clip))
+
+
+class _FramePlanner:
+    """Decides for each video packet, in decode order, whether a clip may need its frame.
+
+    A frame is needed when a target time falls in its cell (half-way to the previous frame,
+    half-way to the next, in presentation order). Both neighbours of a packet are known once a
+    packet with a dts at or past the next pts has been read: every packet with a smaller pts has
+    a smaller dts and was demuxed before it. Packets without timestamps, non-increasing dts or
+    pts < dts stop the skipping for the rest of the file (then every frame is decoded).
+    """
+
+    def __init__(
+        self, schedule: _Schedule, time_base: Fraction, origin: float, enabled: bool
+    ) -> None:
+        self.schedule, self.time_base, self.origin = schedule, time_base, origin
+        self.enabled = enabled
+        self.held: deque[av.Packet] = deque()
+        self.seen: list[int] = []  # sorted pts of every packet read
+        self.max_dts: int | None = None
+
+    def _seconds(self, pts: int) -> float:
+        return float(pts * self.time_base) - self.origin
+
+    def add(self, packet: av.Packet) -> Iterator[tuple[av.Packet, bool]]:
+        """Hold `packet`; yield (packet, needed) for every packet that can now be decided."""
+        if self.enabled and not self._orderly(packet):
+            self.enabled = False
+        if not self.enabled:
+            yield from self.flush(everything=True)
+            yield packet, True
+            return
+        bisect.insort(self.seen, packet.pts)
+        self.max_dts = packet.dts
+        self.held.append(packet)
+        while self.held and self._decidable(self.held[0].pts):
+            head = self.held.popleft()
+            yield head, self._needed(head.pts)
+        if len(self.held) > _MAX_LOOKAHEAD:
+            self.enabled = False
+            yield from self.flush(everything=True)
+
+    def _orderly(self, packet: av.Packet) -> bool:
+        pts, dts = packet.pts, packet.dts
+        if pts is None or dts is None or pts < dts:
+            return False
+        if self.max_dts is not None and dts <= self.max_dts:
+            return False
+        at = bisect.bisect_left(self.seen, pts)
+        return at == len(self.seen) or self.seen[at] != pts  # a repeated pts: no clear cells
+
+    def _decidable(self, pts: int) -> bool:
+        after = bisect.bisect_right(self.seen, pts)
+        return after < len(self.seen) and self.max_dts >= self.seen[after]
+
+    def _needed(self, pts: int) -> bool:
+        at = bisect.bisect_left(self.seen, pts)
+        t = self._seconds(pts)
+        lo = (self._seconds(self.seen[at - 1]) + t) / 2 if at > 0 else -math.inf
+        hi = (t + self._seconds(self.seen[at + 1])) / 2 if at + 1 < len(self.seen) else math.inf
+        return self.schedule.has_target(lo, hi)
+
+    def flush(self, everything: bool = False) -> Iterator[tuple[av.Packet, bool]]:
+        """End of stream (or skipping stopped): decide every held packet."""
+        while self.held:
+            head = self.held.popleft()
+            yield head, everything or self._needed(head.pts)
+
+
+class _AudioTimeline:
+    """Mono audio placed on the video timeline (sample 0 = first video frame), kept as segments:
+    a gap, however long a damaged timestamp claims it to be, costs no memory."""
+
+    def __init__(self, sample_rate: int) -> None:
+        self.rate = sample_rate
+        self.segments: deque[tuple[int, np.ndarray]] = deque()  # (start, samples), arrival order
+        self.end = 0  # timeline index just after the newest sample
+        self.first: int | None = None  # timeline range that held real audio
+        self.last = 0
+
+    def add(self, samples: np.ndarray, start: int | None) -> None:
+        """Place `samples` at timeline index `start` (None or within the snap: contiguous)."""
+        if self.first is None:
+            start = 0 if start is None else start
+            self.first = start
+        elif start is None or abs(start - self.end) <= _SNAP_SECONDS * self.rate:
+            start = self.end
+        if len(samples):
+            self.segments.append((start, samples))
+        self.end = max(self.end, start + len(samples))
+        self.last = self.end
+
+    def window(self, start: int, n: int) -> tuple[np.ndarray, bool]:
+        """Samples [start, start+n), zero padded (later samples win where segments overlap), and
+        whether any real audio lies in it."""
+        out = np.zeros(n, dtype=np.float32)
+        for seg_start, samples in self.segments:
+            lo, hi = max(start, seg_start), min(start + n, seg_start + len(samples))
+            if hi > lo:
+                out[lo - start : hi - start] = samples[lo - seg_start : hi - seg_start]
+        real = self.first is not None and start < self.last and start + n > self.first
+        return out, bool(real)
+
+    def drop_before(self, index: int) -> None:
+        """Forget segments that end before timeline index `index`."""
+        while self.segments and self.segments[0][0] + len(self.segments[0][1]) <= index:
+            self.segments.popleft()
+
+
+class _MomentReader:
+    """Streaming state of a read: picks decoded frames by time, buffers audio, releases moments."""
+
+    def __init__(
+        self,
+        path: str,
+        schedule: _Schedule,
+        origin: float,
+        audio_cfg: AudioConfig,
+        video_cfg: VideoConfig,
+        stats: DecodeStats,
+    ) -> None:
+        self.path, self.schedule, self.origin = path, schedule, origin
+        self.shorter = video_cfg.resize_shorter
+        self.rate, self.n_samples = audio_cfg.sample_rate, audio_cfg.n_samples
+        self.stats = stats
+        self.chosen: dict[int, np.ndarray | None] = {}
+        self.next_frame = 0  # first moment without a chosen frame
+        self.next_out = 0  # first moment not yet yielded
+        self.prev: tuple[float, av.VideoFrame] | None = None
+        # The last converted frame, kept alive with its pixels: an id() alone could match a later
+        # frame that reuses a freed frame's address.
+        self.converted: tuple[av.VideoFrame, np.ndarray] | None = None
+        self.reformatter = av.video.reformatter.VideoReformatter()
+        self.audio = _AudioTimeline(self.rate)
+        self.resampler = resampler(self.rate)
+        self.audio_done = False
+        self.frames = True
+        self.video_time = -1e-3  # so a first frame without pts lands at t = 0
+        self.seen_end = -math.inf  # latest presentation time of a video packet read
+
+    def add_video(self, frame: av.VideoFrame) -> None:
+        """Assign `frame` or the previous decoded one (whichever is nearer) to moments it passes."""
+        self.stats.frames_decoded += 1
+        # PyAV's float .time avoids Fraction arithmetic per frame; without pts keep decode order.
+        t = frame.time - self.origin if frame.pts is not None else self.video_time + 1e-3
+        self.schedule.extend_to(t)
+        moments = self.schedule.moments
+        while self.next_frame < len(moments) and moments[self.next_frame].frame_time <= t:
+            target = moments[self.next_frame].frame_time
+            use_prev = self.prev is not None and target - self.prev[0] <= t - target
+            self._choose(self.prev[1] if use_prev else frame)
+        self.prev, self.video_time = (t, frame), t
+
+    def _choose(self, frame: av.VideoFrame) -> None:
+        """Convert `frame` (once, even when several moments pick it) for the next moment."""
+        if self.converted is None or self.converted[0] is not frame:
+            self.converted = (frame, frame_to_rgb(frame, self.shorter, self.reformatter, self.path))
+        self.chosen[self.next_frame] = self.converted[1]
+        self.next_frame += 1
+
+    def skip_frames(self) -> None:
+        """Audio-only reading: every moment's frame is None, so moments wait for audio alone."""
+        self.frames = False
+        self.chosen = dict.fromkeys(range(len(self.schedule)))
+        self.next_frame = len(self.schedule)
+
+    def add_audio(self, frame: av.AudioFrame | None) -> None:
+        """Resample a decoded audio frame (None flushes) onto the timeline."""
+        for out in self.resampler.resample(frame):
+            start = None if out.pts is None else round((out.time - self.origin) * self.rate)
+            self.audio.add(mono(out), start)
+
+    def finish(self, duration: float | None) -> None:
+        """End of file: flush audio, close a grid at `duration`, give remaining moments the last
+        frame."""
+        self.add_audio(None)
+        self.audio_done = True
+        if duration is not None:
+            self.schedule.close(duration)
+        if not self.frames:
+            return
+        for i in range(len(self.schedule), self.next_frame):
+            self.chosen.pop(i, None)  # grid moments past the real end are not clips
+        self.next_frame = min(self.next_frame, len(self.schedule))
+        if self.prev is None and self.next_frame < len(self.schedule):
+            raise MediaError(f"{self.path}: no decodable video frames")
+        while self.next_frame < len(self.schedule):
+            self._choose(self.prev[1])
+
+    def ready(self) -> Iterator[MomentData]:
+        """Yield, in order, moments whose frame is chosen and whose audio is complete."""
+        moments = self.schedule.moments
+        while self.next_out < min(self.next_frame, len(moments)):
+            moment = moments[self.next_out]
+            if not self.schedule.confirmed(self.next_out, self.seen_end):
+                return
+            start = round(moment.audio_start * self.rate)
+            end_time = (start + self.n_samples) / self.rate
+            waiting = self.audio.end < start + self.n_samples and not self.audio_done
+            if waiting and self.video_time - end_time < _MAX_AV_LAG:
+                return
+            audio, has_audio = self.audio.window(start, self.n_samples)
+            frame = self.chosen.pop(self.next_out)
+            self.next_out += 1
+            keep = self.schedule.earliest_audio(self.next_out)
+            self.audio.drop_before(
+                round(keep * self.rate) if math.isfinite(keep) else self.audio.end
+            )
+            yield MomentData(moment, frame, audio, has_audio)
+
+
+def _packets(container: av.container.InputContainer, streams: list, path: str) -> Iterator:
+    """Demux packets of `streams` in file order; a damaged tail ends the stream with a warning."""
+    try:
+        yield from container.demux(*streams)
+    except av.FFmpegError as exc:
+        log.warning("%s: stopped reading at a damaged part (%s)", path, reason(exc))
+
+
+def _decode(
+    decoder: av.codec.context.CodecContext, packet: av.Packet, stats: DecodeStats
+) -> list[av.frame.Frame]:
+    """Frames of one packet; a corrupt packet is counted and skipped (the decoder recovers at
+    the next keyframe)."""
+    try:
+        return decoder.decode(packet)
+    except av.FFmpegError:
+        stats.bad_packets += 1
+        return []
+
+
+def _read(
+    path: str | os.PathLike,
+    schedule: _Schedule,
+    audio_cfg: AudioConfig,
+    video_cfg: VideoConfig,
+    threads: int,
+    frames: bool,
+    skip: bool,
+    stats: DecodeStats,
+) -> Iterator[MomentData]:
+    """The one demux pass behind read_moments and read_clip_grid."""
+    path = os.fspath(path)
+    with open_media(path) as container:
+        video = video_stream(container, path)
+        audio = container.streams.audio[0] if container.streams.audio else None
+        unusable = check_audio_rate(audio, path) if audio is not None else None
+        if unusable is not None:
+            log.warning("%s", unusable)
+            stats.notes.append(unusable)
+            audio = None  # not sound avindex can use: the clips get has_audio = False
+        set_threads(video, threads)
+        origin = float(start_pts(video, None) * video.time_base)
+        reader = _MomentReader(path, schedule, origin, audio_cfg, video_cfg, stats)
+        reader.audio_done = audio is None
+        if not frames:
+            reader.skip_frames()
+        decoder = video.codec_context
+        intra_only = decoder.codec.intra_only
+        skip = skip and frames and (decoder.name in SKIP_NONREF_CODECS or intra_only)
+        planner = _FramePlanner(schedule, video.time_base, origin, skip)
+        clock = PacketClock(video.time_base)
+        for packet in _packets(container, [s for s in (video, audio) if s is not None], path):
+            if packet.size == 0:
+                continue  # end-of-stream markers: the decoders are drained below
+            if packet.stream is audio:
+                for frame in _decode(audio.codec_context, packet, stats):
+                    reader.add_audio(frame)
+            else:
+                if clock.add(packet):
+                    stats.frames_total += 1
+                    reader.seen_end = max(reader.seen_end, clock.last_seconds - origin)
+                if frames:
+                    for held, needed in planner.add(packet):
+                        _decode_needed(decoder, held, needed, intra_only, reader, stats)
+            yield from reader.ready()
+        for stream in (video, audio):  # also after a damaged tail ended the demuxing early
+            if stream is not None:
+                _flush(stream, video, planner, reader, stats, frames)
+        stats.skipping = skip and planner.enabled
+        if stats.bad_packets:
+            log.warning("%s: skipped %d undecodable packets", path, stats.bad_packets)
+        duration = clock.duration(start_pts(video, clock.first_pts)) if clock.count else None
+        if not schedule.closed:
+            if duration is None or reader.prev is None:
+                raise MediaError(f"{path}: no decodable video frames")
+            if duration + EPS < audio_cfg.clip_seconds:
+                raise MediaError(f"{path}: shorter than one clip ({duration:.3f} s)")
+        stats.duration = duration
+        reader.finish(duration)
+        yield from reader.ready()
+
+
+def _flush(
+    stream: av.stream.Stream,
+    video: av.video.VideoStream,
+    planner: _FramePlanner,
+    reader: _MomentReader,
+    stats: DecodeStats,
+    frames: bool,
+) -> None:
+    """End of one stream: decode the video packets still held, then drain the decoder."""
+    if stream is video and not frames:
+        return
+    decoder = stream.codec_context
+    add = reader.add_video if stream is video else reader.add_audio
+    if stream is video:
+        for held, needed in planner.flush():
+            _decode_needed(decoder, held, needed, decoder.codec.intra_only, reader, stats)
+        decoder.skip_frame = "DEFAULT"
+    try:
+        for frame in decoder.decode(None):
+            frame.time_base = frame.time_base or stream.time_base  # draining gives none
+            add(frame)
+    except av.FFmpegError:
+        stats.bad_packets += 1
+
+
+def _decode_needed(
+    decoder: av.codec.context.CodecContext,
+    packet: av.Packet,
+    needed: bool,
+    intra_only: bool,
+    reader: _MomentReader,
+    stats: DecodeStats,
+) -> None:
+    """Decode a planned packet: needed frames fully, the others with skip_frame=NONREF (an
+    intra-only codec's unneeded frames are not sent at all: nothing refers to them)."""
+    if not needed and intra_only:
+        return
+    decoder.skip_frame = "DEFAULT" if needed else "NONREF"
+    for frame in _decode(decoder, packet, stats):
+        reader.add_video(frame)
+
+
+def read_moments(
+    path: str | os.PathLike,
+    moments: Sequence[Moment],
+    audio_cfg: AudioConfig,
+    video_cfg: VideoConfig,
+    threads: int = 1,
+    frames: bool = True,
+    skip: bool = True,
+    stats: DecodeStats | None = None,
+) -> Iterator[MomentData]:
+    """Read frames and audio windows for `moments` (sorted by frame_time) in one streaming pass.
+
+    frames=False reads the audio alone (MomentData.frame is None), for frames decoded elsewhere
+    (NVDEC); the audio is still placed on the video stream's timeline. skip=False decodes every
+    frame (the reference the skipping is checked against, and the decode-all bound).
+    """
+    moments = [Moment(float(m[0]), float(m[1])) for m in moments]
+    if any(b.frame_time < a.frame_time for a, b in itertools.pairwise(moments)):
+        raise ValueError("read_moments: moments must be sorted by frame_time")
+    if not moments:
+        return
+    schedule = _Schedule(moments, None, audio_cfg.clip_seconds)
+    yield from _read(
+        path, schedule, audio_cfg, video_cfg, threads, frames, skip, stats or DecodeStats()
+    )
+
+
+def read_clip_grid(
+    path: str | os.PathLike,
+    hop: float,
+    audio_cfg: AudioConfig,
+    video_cfg: VideoConfig,
+    threads: int = 1,
+    skip: bool = True,
+    stats: DecodeStats | None = None,
+) -> Iterator[MomentData]:
+    """Every clip of a video (t0 = 0, hop, 2 hop, ...) in one pass, without probing it first.
+
+    The clips are exactly those of `clip_starts(duration, hop)` for the duration `probe` finds;
+    `stats` receives that duration, the frames decoded and whether frames were skipped.
+    """
+    schedule = _Schedule(None, hop, audio_cfg.clip_seconds)
+    yield from _read(
+        path, schedule, audio_cfg, video_cfg, threads, True, skip, stats or DecodeStats()
+    )
+
+
+def read_clip(
+    path: str | os.PathLike, t0: float, audio_cfg: AudioConfig, video_cfg: VideoConfig
+) -> MomentData:
+    """The clip of a video starting at `t0` (a query by video moment), after checking that the
+    video is long enough to have it."""
+    path = os.fspath(path)
+    info = probe(path, audio_cfg.clip_seconds)
+    if info.error:
+        raise MediaError(f"{path}: {info.error}")
+    last = info.duration - audio_cfg.clip_seconds
+    if t0 > last + EPS:
+        raise MediaError(
+            f"{path}: is {info.duration:.2f} s long, so a clip starts at 0..{last:.2f} s, "
+            f"not {t0:g}"
+        )
+    (data,) = read_moments(path, [clip_moment(t0, audio_cfg.clip_seconds)], audio_cfg, video_cfg)
+    return data
+
+
+__all__ = [
+    "SKIP_NONREF_CODECS",
+    "DecodeStats",
+    "Moment",
+    "MomentData",
+    "clip_moment",
+    "read_clip",
+    "read_clip_grid",
+    "read_moments",
+]
