@@ -1,0 +1,390 @@
+"""Child processes for work on untrusted media: a crash, a hang or a memory blow-up while decoding
+one file fails that file's job only, never the process that asked for it.
+
+Each worker is a spawned process with its own pipe; jobs are module-level functions (pickled by
+name) that return a value or yield items, streamed back as they come. A dispatcher thread hands
+jobs to idle workers, forwards their messages into a bounded queue (so decoding runs ahead of the
+consumer, up to a limit) and replaces a worker that died or stalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from avindex.errors import AvindexError
+
+_CONTEXT = mp.get_context("spawn")  # no fork: the parent may hold threads, CUDA and DALI state
+_POLL = 0.2  # seconds between checks for stalled workers and a closed pool
+_MAX_FAILED_STARTS = 3  # workers dying before they are ready: the machine, not a file, is at fault
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: `fn(*args)` in a worker (fn must be a module-level function)."""
+
+    key: Hashable
+    fn: Callable[..., Any]
+    args: tuple = ()
+
+
+@dataclass(frozen=True)
+class Item:
+    """A value a generator job yielded."""
+
+    key: Hashable
+    value: Any
+
+
+@dataclass(frozen=True)
+class Done:
+    """A job finished: its return value (a generator's `return` value)."""
+
+    key: Hashable
+    value: Any
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A job failed: a one-line reason (its exception, or how its worker died)."""
+
+    key: Hashable
+    reason: str
+
+
+Event = Item | Done | Failed
+# A job source may yield IDLE: no job just now, ask again shortly (the pool keeps serving the
+# busy workers meanwhile). A source that ends (StopIteration) ends the pool once jobs finish.
+IDLE = object()
+
+
+@dataclass
+class PoolLimits:
+    """Bounds on a worker: silence before it counts as stalled, and its address space."""
+
+    stall_seconds: float | None = 300.0
+    memory_bytes: int | None = 8 << 30  # RLIMIT_AS: an allocation past it fails that job
+
+
+def _signal_name(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"{signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _worker_main(conn: Connection, limits: PoolLimits) -> None:
+    """Worker process: run jobs from `conn` until it closes, streaming results back."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if limits.memory_bytes:
+        with contextlib.suppress(ValueError, OSError, ImportError):
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+    conn.send(("ready", None, None))
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        key, fn, args = job
+        try:
+            result = fn(*args)
+            if inspect.isgenerator(result):
+                while True:
+                    try:
+                        conn.send(("item", key, next(result)))
+                    except StopIteration as stop:
+                        result = stop.value
+                        break
+            conn.send(("done", key, result))
+        except (EOFError, BrokenPipeError):
+            return
+        except AvindexError as exc:
+            conn.send(("failed", key, str(exc)))
+        except MemoryError:
+            conn.send(("failed", key, "out of memory while decoding (limit reached)"))
+        except Exception as exc:  # whatever a file does, it fails that job only
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            conn.send(
+                ("failed", key, f"{text} (at {os.path.basename(where.filename)}:{where.lineno})")
+            )
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Connection
+    job: Job | None = None
+    last_heard: float = field(default_factory=time.monotonic)
+    started: bool = False  # sent "ready": a death before that is a start-up failure
+
+
+class WorkerPool:
+    """Runs jobs in `workers` child processes; `events()` yields Item/Done/Failed as they come.
+
+    Jobs are pulled lazily from `jobs` whenever a worker is idle, so a job source can decide at
+    the last moment (e.g. claim a video). Per job, items arrive in order and end with exactly
+    one Done or Failed.
+    """
+
+    def __init__(
+        self,
+        jobs: Iterable[Job],
+        workers: int,
+        limits: PoolLimits | None = None,
+        buffer: int = 64,
+    ) -> None:
+        if workers < 1:
+            raise AvindexError(f"--workers {workers}: must be at least 1")
+        self._jobs = iter(jobs)
+        self._limits = limits or PoolLimits()
+        self._events: queue.Queue[Event | None] = queue.Queue(maxsize=max(1, buffer))
+        self._closed = threading.Event()  # the consumer is gone: stop everything
+        self._failed_starts = 0
+        self._workers = [self._spawn() for _ in range(workers)]
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._dispatch, name="avindex-pool", daemon=True)
+        self._thread.start()
+
+    def _spawn(self) -> _Worker:
+        parent, child = _CONTEXT.Pipe(duplex=True)
+        process = _CONTEXT.Process(
+            target=_worker_main, args=(child, self._limits), name="avindex-worker", daemon=True
+        )
+        process.start()
+        child.close()
+        return _Worker(process, parent)
+
+    def events(self) -> Iterator[Event]:
+        """Events until every job is finished (blocks while workers are busy)."""
+        while True:
+            event = self._events.get()
+            if event is None:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield event
+
+    def _put(self, event: Event | None) -> bool:
+        """Hand an event to the consumer (waits while it is busy); False once it has closed."""
+        while not self._closed.is_set():
+            try:
+                self._events.put(event, timeout=_POLL)
+            except queue.Full:
+                continue
+            return True
+        return False
+
+    def _dispatch(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # surfaces in events() instead of vanishing with the thread
+            self._error = exc
+        finally:
+            self._shutdown()
+            self._put(None)  # the end marker, however full the queue is
+
+    def _run(self) -> None:
+        exhausted = False
+        while not self._closed.is_set():
+            for worker in self._workers:
+                if worker.job is None and not exhausted:
+                    job = next(self._jobs, None)
+                    if job is None:
+                        exhausted = True
+                    if job is None or job is IDLE:
+                        break
+                    self._assign(worker, job)
+            busy = [w for w in self._workers if w.job is not None]
+            if exhausted and not busy:
+                return
+            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], _POLL)
+            for worker in busy:
+                if worker.conn in ready or worker.process.sentinel in ready:
+                    self._receive(worker)
+            self._check_stalls()
+
+    def _assign(self, worker: _Worker, job: Job) -> None:
+        """Send a job to an idle worker (replacing it first if it has died since its last job)."""
+        if not worker.process.is_alive():
+            worker.process.join()
+            self._replace(worker, None)
+        worker.job, worker.last_heard = job, time.monotonic()
+        try:
+            worker.conn.send((job.key, job.fn, job.args))
+        except (OSError, ValueError) as exc:  # a dead pipe, or a job that cannot be pickled
+            self._replace(worker, f"cannot start the job ({type(exc).__name__}: {exc})")
+
+    def _receive(self, worker: _Worker) -> None:
+        """Forward what one worker sent; a worker that died fails its job and is replaced."""
+        try:
+            while worker.conn.poll():
+                kind, key, value = worker.conn.recv()
+                if kind == "ready":
+                    worker.started, self._failed_starts = True, 0
+                    continue
+                waited = time.monotonic()
+                event = {"item": Item, "done": Done, "failed": Failed}[kind](key, value)
+                if not self._put(event):
+                    return
+                if kind != "item":
+                    worker.job = None
+                # Time spent waiting for the consumer is not the worker's silence.
+                for other in self._workers:
+                    other.last_heard += time.monotonic() - waited
+                worker.last_heard = time.monotonic()
+                if worker.job is None:
+                    return
+        except (EOFError, OSError, pickle.UnpicklingError):
+            pass  # the worker died mid-message: its job fails below
+        if not worker.process.is_alive() and worker.job is not None:
+            worker.process.join()
+            how = _signal_name(worker.process.exitcode)
+            if not worker.started:
+                self._failed_starts += 1
+                if self._failed_starts >= _MAX_FAILED_STARTS:
+                    raise AvindexError(
+                        f"cannot start media worker processes ({how}); run avindex from a "
+                        "script file or the command line (spawned workers re-import it)"
+                    )
+            self._replace(worker, f"decoder crashed ({how})")
+
+    def _check_stalls(self) -> None:
+        limit = self._limits.stall_seconds
+        now = time.monotonic()
+        for worker in self._workers:
+            if limit and worker.job is not None and now - worker.last_heard > limit:
+                worker.process.kill()
+                worker.process.join()
+                self._replace(worker, f"decoder stalled (no progress for {limit:g} s)")
+
+    def _replace(self, worker: _Worker, reason: str | None) -> None:
+        """Start a fresh process in `worker`'s place; its job (if any) fails with `reason`."""
+        job = worker.job
+        worker.conn.close()
+        fresh = self._spawn()
+        worker.process, worker.conn, worker.job = fresh.process, fresh.conn, None
+        if job is not None and reason is not None:
+            self._put(Failed(job.key, reason))
+
+    def _shutdown(self) -> None:
+        for worker in self._workers:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                worker.conn.send(None)
+        deadline = time.monotonic() + 5
+        for worker in self._workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.conn.close()
+
+    def close(self) -> None:
+        """Stop dispatching and end the workers (jobs still running are abandoned)."""
+        self._closed.set()
+        self._thread.join()
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Sandbox:
+    """A long-lived WorkerPool for one-shot calls from any thread (queries, uploads): each call
+    runs in a child process, so a file that crashes or hangs its decoder fails that call only."""
+
+    def __init__(self, workers: int = 1, limits: PoolLimits | None = None) -> None:
+        self._submitted: queue.Queue[Job] = queue.Queue()
+        self._waiting: dict[int, tuple[threading.Event, list]] = {}
+        self._lock = threading.Lock()
+        self._keys = itertools.count()
+        self._closed = threading.Event()
+        self._pool = WorkerPool(self._jobs(), workers, limits)
+        self._router = threading.Thread(target=self._route, name="avindex-sandbox", daemon=True)
+        self._router.start()
+
+    def _jobs(self) -> Iterator[Job | object]:
+        while not self._closed.is_set():
+            try:
+                yield self._submitted.get(timeout=_POLL / 4)
+            except queue.Empty:
+                yield IDLE
+
+    def _route(self) -> None:
+        for event in self._pool.events():
+            if isinstance(event, Item):
+                continue  # calls return values; streamed items are not collected
+            with self._lock:
+                done, box = self._waiting.pop(event.key)
+            box.append(event)
+            done.set()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in a worker: its return value, or AvindexError with why it failed."""
+        if self._closed.is_set():
+            raise AvindexError("internal: the media sandbox is closed")
+        key, done, box = next(self._keys), threading.Event(), []
+        with self._lock:
+            self._waiting[key] = (done, box)
+        self._submitted.put(Job(key, fn, args))
+        done.wait()
+        (event,) = box
+        if isinstance(event, Failed):
+            raise AvindexError(event.reason)
+        return event.value
+
+    def close(self) -> None:
+        """Stop the workers (waits for calls in progress)."""
+        self._closed.set()
+        self._pool.close()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_isolated(fn: Callable[..., Any], *args: Any, limits: PoolLimits | None = None) -> Any:
+    """`fn(*args)` in a child process: its return value, or AvindexError with the reason it failed
+    (its own error, or the crash / stall / memory limit that ended it)."""
+    with WorkerPool([Job(0, fn, args)], 1, limits) as pool:
+        for event in pool.events():
+            if isinstance(event, Failed):
+                raise AvindexError(event.reason)
+            if isinstance(event, Done):
+                return event.value
+    raise AvindexError("internal: the isolated job ended without a result")  # pragma: no cover
+
+
+__all__ = [
+    "IDLE",
+    "Done",
+    "Event",
+    "Failed",
+    "Item",
+    "Job",
+    "PoolLimits",
+    "Sandbox",
+    "WorkerPool",
+    "run_isolated",
+]

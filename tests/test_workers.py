@@ -1,0 +1,125 @@
+"""workers.py: jobs stream back in order; a crash, a hang, a memory blow-up or an exception in one
+job fails that job only, and the pool goes on with fresh workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from avindex.errors import AvindexError
+from avindex.workers import Done, Failed, Item, Job, PoolLimits, WorkerPool, run_isolated
+
+
+def count_to(n: int):
+    """A generator job: yields 0..n-1, returns n."""
+    yield from range(n)
+    return n
+
+
+def crash(after: int):
+    """Yields a little, then dies the way a native decoder bug does."""
+    yield from range(after)
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def hang() -> None:
+    time.sleep(3600)
+
+
+def allocate(mib: int) -> int:
+    return int(np.ones(mib << 18, np.float32).sum())  # mib MiB
+
+
+def fail(message: str) -> None:
+    raise AvindexError(message)
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def _collect(pool: WorkerPool) -> tuple[dict, dict]:
+    items, ends = defaultdict(list), {}
+    for event in pool.events():
+        if isinstance(event, Item):
+            assert event.key not in ends, "an item after its job ended"
+            items[event.key].append(event.value)
+        else:
+            assert event.key not in ends, "two ends for one job"
+            ends[event.key] = event
+    return items, ends
+
+
+def test_jobs_stream_in_order_and_a_crash_fails_only_its_job() -> None:
+    jobs = [Job(("count", i), count_to, (i * 7,)) for i in range(6)]
+    jobs.insert(2, Job("segv", crash, (3,)))
+    jobs.insert(5, Job("error", fail, ("bad file: no video",)))
+    jobs.append(Job("square", square, (12,)))
+    with WorkerPool(jobs, workers=2) as pool:
+        items, ends = _collect(pool)
+    assert set(ends) == {j.key for j in jobs}
+    for i in range(6):
+        assert items[("count", i)] == list(range(i * 7))
+        assert ends[("count", i)] == Done(("count", i), i * 7)
+    assert isinstance(ends["segv"], Failed) and "SIGSEGV" in ends["segv"].reason
+    assert ends["error"] == Failed("error", "bad file: no video")
+    assert ends["square"] == Done("square", 144)
+
+
+def test_a_stalled_worker_is_killed_and_replaced() -> None:
+    jobs = [Job("hang", hang), Job("after", square, (3,))]
+    with WorkerPool(jobs, workers=1, limits=PoolLimits(stall_seconds=1.0)) as pool:
+        _, ends = _collect(pool)
+    assert "stalled" in ends["hang"].reason and ends["after"] == Done("after", 9)
+
+
+def test_memory_limit_fails_the_job_not_the_machine() -> None:
+    limits = PoolLimits(memory_bytes=1 << 30)
+    with pytest.raises(AvindexError, match="memory"):
+        run_isolated(allocate, 4096, limits=limits)
+    assert run_isolated(allocate, 16, limits=limits) == 16 << 18
+
+
+def test_run_isolated_returns_or_raises_one_line() -> None:
+    assert run_isolated(square, 5) == 25
+    with pytest.raises(AvindexError, match="crashed"):
+        run_isolated(crash, 0)
+
+
+def test_jobs_are_pulled_lazily() -> None:
+    """A job source is asked for the next job only when a worker is free (claims rely on it)."""
+    asked = []
+
+    def source():
+        for i in range(5):
+            asked.append(i)
+            yield Job(i, square, (i,))
+
+    with WorkerPool(source(), workers=1) as pool:
+        seen = []
+        for event in pool.events():
+            seen.append(event.key)
+            assert len(asked) <= len(seen) + 2
+    assert sorted(seen) == list(range(5))
+
+
+def test_sandbox_serves_calls_from_threads_and_survives_crashes() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from avindex.workers import Sandbox
+
+    def one(i: int) -> object:
+        try:
+            return sandbox.call(crash if i % 4 == 0 else square, *((0,) if i % 4 == 0 else (i,)))
+        except AvindexError as exc:
+            return str(exc)
+
+    with Sandbox(workers=2) as sandbox, ThreadPoolExecutor(4) as threads:
+        results = list(threads.map(one, range(12)))
+    for i, result in enumerate(results):
+        assert result == ("decoder crashed (SIGSEGV)" if i % 4 == 0 else i * i)
