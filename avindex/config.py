@@ -97,10 +97,12 @@ class EmbedConfig:
     hop: float = 1.0
     batch_size: int = 64
     device: str = "auto"
-    # Background decoder threads: half the cores (at least 2), so the towers keep the other half;
-    # on a 16-core GPU host 8 workers embedded 720p 1.36x faster than 2 (H200 run, README).
+    # Decoder processes: half the cores (at least 2), so the towers keep the other half; on a
+    # 16-core GPU host 8 decoders embedded 720p 1.36x faster than 2 (H200 run, README).
     decode_workers: int = field(default_factory=lambda: max(2, (os.cpu_count() or 2) // 2))
     decode_threads: int = 1  # FFmpeg threads per decoder
+    decode_stall_seconds: float = 300.0  # a decoder silent this long is killed (its video fails)
+    decode_memory_bytes: int = 8 << 30  # address-space limit of a decoder process
     nvdec: bool = True  # on CUDA, decode frames of NVDEC codecs on the GPU (DALI); PyAV otherwise
     prefetch_batches: int = 4
     shard_clips: int = 16_384  # flush a shard once it holds this many clips...
@@ -131,6 +133,8 @@ class SearchConfig:
     batch_size: int = 64  # query windows / frames per model batch
     device: str = "auto"  # torch + DALI for query encoding, faiss for the search
     sheet_results: int = 10  # result tiles per query row on a contact sheet
+    max_query_seconds: float = 300.0  # a longer sound query uses its first 300 s
+    media_workers: int = 2  # child processes that decode query media (a crash fails one query)
 
 
 @dataclass(frozen=True)

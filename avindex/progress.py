@@ -58,10 +58,13 @@ class EmbedProgress:
         for path, reason in report.failures:
             print(f"failed: {path}: {reason}")
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.stage_seconds.items())
+        decoders = ", ".join(f"{name} {n}" for name, n in sorted(report.decoders.items()))
         print(
             f"{report.videos_done} videos embedded, {report.videos_failed} failed, "
             f"{report.videos_skipped} already done; {report.clips} clips in {store}\n"
             f"{report.video_seconds:.0f} s of video in {report.wall_seconds:.1f} s "
             f"({report.realtime_factor:.1f} s of video per second, "
-            f"{report.clips_per_second:.1f} clips/s); time by stage: {stages}"
+            f"{report.clips_per_second:.1f} clips/s); time by stage: {stages}\n"
+            f"decoders: {decoders or 'none'} videos ({report.fallbacks} fell back); "
+            f"{100 * report.decoded_fraction:.0f}% of frames decoded"
         )

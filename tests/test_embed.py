@@ -17,8 +17,9 @@ import torch
 from mediafactory import BAD
 
 from avindex.config import EmbedConfig
+from avindex.decode import Moment, read_moments
 from avindex.embed import embed_paths
-from avindex.media import Moment, clip_starts, probe, read_moments
+from avindex.media import clip_starts, probe
 from avindex.model import random_checkpoint
 from avindex.pipelines import reference_frame, reference_log_spectrograms
 from avindex.scan import find_media
@@ -158,61 +159,43 @@ def test_kill_9_then_rerun_gives_exactly_the_uninterrupted_clip_set(small_corpus
     assert clip_rows(resumed) == clip_rows(Store(reference))
 
 
-class CpuStandInDecoder:
-    """Stands in for GpuFrameDecoder on CPU: the frames NVDEC numbers `indices`, preprocessed.
+def flaky_decode(path, *args):
+    """A worker job that fails the way an unexpected library error would, for one file."""
+    from avindex.reader import decode_video
 
-    PyAV yields frames in presentation order, which is DALI's numbering (sorted pts), and the plain
-    PIL reference does DALI's resize + centre crop + normalise.
-    """
-
-    def __init__(self, video_cfg) -> None:
-        self.video_cfg = video_cfg
-
-    def chunks(self, path: str, indices):
-        import av
-
-        with av.open(path) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        for start in range(0, len(indices), 4):
-            picked = [frames[i] for i in indices[start : start + 4]]
-            yield torch.from_numpy(np.stack([reference_frame(f, self.video_cfg) for f in picked]))
+    if Path(path).name == "video_0001.mp4":
+        raise ValueError("resampler input changed")
+    if Path(path).name == "video_0002.mp4":
+        os.kill(os.getpid(), signal.SIGSEGV)  # a native crash inside the decoder
+    return (yield from decode_video(path, *args))
 
 
-def test_nvdec_frame_path_matches_the_pyav_path(small_corpus, tmp_path, monkeypatch):
-    """The GPU-decode plumbing (frame numbering, audio-only read, mixed batches) on CPU."""
-    import avindex.embed as embed_module
+def test_an_error_or_crash_in_one_file_fails_that_file_only(small_corpus, tmp_path, monkeypatch):
+    import avindex.reader as reader
 
-    videos = sorted(small_corpus.glob("*.mp4"))[:2]
-    embed_paths(videos, tmp_path / "pyav", checkpoint(), CFG)
-    monkeypatch.setattr(
-        embed_module,
-        "nvdec_factory",
-        lambda video_cfg, cfg, device: lambda: CpuStandInDecoder(video_cfg),
-    )
-    embed_paths(videos, tmp_path / "nvdec", checkpoint(), CFG)
-    pyav, nvdec = Store(tmp_path / "pyav"), Store(tmp_path / "nvdec")
-    assert clip_rows(pyav) == clip_rows(nvdec)
-    a, b = ids_by_clip(pyav), ids_by_clip(nvdec)
-    np.testing.assert_allclose(pyav.vectors(a, "audio"), nvdec.vectors(b, "audio"), atol=2e-3)
-    # Full-resolution PIL resize vs swscale's scaling: the same pictures, slightly resampled.
-    np.testing.assert_allclose(pyav.vectors(a, "visual"), nvdec.vectors(b, "visual"), atol=3e-2)
-
-
-def test_an_unexpected_error_in_one_file_fails_that_file_only(small_corpus, tmp_path, monkeypatch):
-    import avindex.media as media
-
-    videos = sorted(small_corpus.glob("*.mp4"))[:3]
-    real = media.read_moments
-
-    def flaky(path, *args, **kwargs):
-        if Path(path) == videos[1]:
-            raise ValueError("resampler input changed")
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(media, "read_moments", flaky)
+    videos = sorted(small_corpus.glob("*.mp4"))[:4]
+    monkeypatch.setattr(reader, "decode_video", flaky_decode)
     report = embed_paths(videos, tmp_path / "store", checkpoint(), CFG)
-    assert (report.videos_done, report.videos_failed) == (2, 1)
-    assert report.failures == [(str(videos[1].resolve()), "ValueError: resampler input changed")]
+    assert (report.videos_done, report.videos_failed) == (2, 2)
+    failures = dict(report.failures)
+    assert failures[str(videos[1].resolve())].startswith("ValueError: resampler input changed")
+    assert failures[str(videos[2].resolve())] == "decoder crashed (SIGSEGV)"
+    store = Store(tmp_path / "store")
+    assert {Path(r.path).name for r in store.clips(np.arange(store.num_clips))} == {
+        videos[0].name,
+        videos[3].name,
+    }
+
+
+def test_report_names_the_decoder_and_the_frames_decoded(small_corpus, tmp_path):
+    videos = sorted(small_corpus.glob("*.mp4"))[:2]
+    report = embed_paths(videos, tmp_path / "store", checkpoint(), CFG)
+    assert report.decoders == {"pyav": 2} and report.fallbacks == 0
+    rows = {Path(r["path"]).name: r for r in report.videos}
+    assert set(rows) == {v.name for v in videos}
+    for row in rows.values():
+        assert row["decoder"] == "pyav" and 0 < row["decoded_fraction"] <= 1
+    assert 0 < report.decoded_fraction < 1, "x264's non-reference frames are skipped"
 
 
 @pytest.mark.parametrize("field", ["decode_workers", "batch_size", "hop"])

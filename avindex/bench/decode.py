@@ -15,13 +15,13 @@ def decode_only(path: Path, threads: int) -> tuple[int, float]:
     """Decode every video frame and audio frame of a file, converting nothing: (frames, audio s)."""
     import av
 
-    from avindex.media import _set_threads
+    from avindex.media import set_threads
 
     frames, audio_seconds = 0, 0.0
     with av.open(str(path)) as container:
         streams = [s for s in (*container.streams.video[:1], *container.streams.audio[:1])]
         for stream in container.streams.video[:1]:
-            _set_threads(stream, threads)
+            set_threads(stream, threads)
         for packet in container.demux(*streams):
             for frame in packet.decode():
                 if packet.stream.type == "video":
@@ -35,11 +35,9 @@ def read_clips(
     path: Path, duration: float, hop: float, audio_cfg: AudioConfig, video_cfg: VideoConfig
 ) -> int:
     """avindex's decode stage for one file (chosen frames scaled to RGB, 48 kHz mono windows)."""
-    from avindex.embed import clip_moments
-    from avindex.media import read_moments
+    from avindex.decode import read_clip_grid
 
-    moments = clip_moments(duration, hop, audio_cfg.clip_seconds)
-    return sum(1 for _ in read_moments(path, moments, audio_cfg, video_cfg))
+    return sum(1 for _ in read_clip_grid(path, hop, audio_cfg, video_cfg))
 
 
 def _parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,9 +40,10 @@ def tower_bench(
     other), and both towers the way `embed` runs them; the bound is the faster of the two."""
     import torch
 
-    from avindex.embed import inference_model, towers_on_cpu
+    from avindex.encoder import Encoder, torch_threads
 
-    model = inference_model(checkpoint, device)
+    encoder = Encoder(checkpoint, device, max(batch_sizes))
+    model = encoder.model
     sweep = []
     for batch in sorted(set(batch_sizes)):
         frames, specs = random_inputs(checkpoint, batch, device, seed)
@@ -52,9 +54,10 @@ def tower_bench(
             audio = sustained_rate(
                 lambda s=specs: len(model.encode_audio(s)), min_seconds, repeats, device
             )
-        with towers_on_cpu(model, device) as towers:
+        threads = torch_threads(1) if device == "cpu" else contextlib.nullcontext()
+        with threads:  # both towers side by side, as embed runs them
             as_embed = sustained_rate(
-                lambda f=frames, s=specs: len(towers(f, s)[0]), min_seconds, repeats, device
+                lambda f=frames, s=specs: len(encoder.towers(f, s)[0]), min_seconds, repeats, device
             )
         one_after_other = 1.0 / (1.0 / visual + 1.0 / audio)
         sweep.append(
@@ -67,6 +70,7 @@ def tower_bench(
                 "clips_per_s": max(one_after_other, as_embed),
             }
         )
+    encoder.close()
     return {
         "width": checkpoint.model_cfg.width,
         "precision": "bf16 autocast, channels_last" if device == "cuda" else "fp32, channels_last",
