@@ -365,7 +365,8 @@ def search(
     import json
 
     from avindex.config import SearchConfig, replace
-    from avindex.search import Searcher, make_query, parse_batch
+    from avindex.queries import make_query, parse_batch
+    from avindex.search import Searcher
 
     fields = {"audio": audio, "image": image, "video": video, "vector": vector, "at": at}
     fields.update({"clip": clip, "by": by, "in": target})
@@ -384,8 +385,8 @@ def search(
     else:
         queries = [make_query(fields)]
     cfg = replace(SearchConfig(), k=k, device=device)
-    searcher = Searcher(store, model, cfg)
-    results = searcher.run(queries, cfg.k)
+    with Searcher(store, model, cfg) as searcher:
+        results = searcher.run(queries, cfg.k)
     failed = [r for r in results if r.error is not None]
     if batch is None and failed:
         raise AvindexError(failed[0].error)
@@ -410,7 +411,7 @@ def _batch_default(query: object, defaults: dict[str, str | None]) -> object:
     """Apply command-line --by/--in to batch queries that do not set their own."""
     import dataclasses
 
-    from avindex.search import Query
+    from avindex.queries import Query
 
     if not isinstance(query, Query):
         return query

@@ -57,7 +57,7 @@ def write_queries(held_out: Path, labels_file: Path, out: Path, cfg: DemoConfig)
     from PIL import Image
 
     from avindex.config import AudioConfig, VideoConfig
-    from avindex.media import clip_moment, read_moments
+    from avindex.decode import clip_moment, read_moments
     from avindex.synth import load_labels, write_video
 
     per_second = load_labels(labels_file)[held_out.name]
@@ -109,8 +109,9 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoReport:
     from avindex.index import build_index
     from avindex.model import load_checkpoint
     from avindex.presets import SMALL
+    from avindex.queries import Query
     from avindex.scan import find_media
-    from avindex.search import Query, search
+    from avindex.search import search
     from avindex.sheet import write_sheet
     from avindex.synth import load_labels, make_corpus
     from avindex.train import train

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from avindex.config import AudioConfig, TrainConfig, VideoConfig
+from avindex.decode import Moment, read_moments
 from avindex.errors import AvindexError
-from avindex.media import Moment, probe, read_moments
+from avindex.media import probe
 
 if TYPE_CHECKING:
     import torch
@@ -322,7 +323,8 @@ def read_val_set(
     """Decode the held-out videos once (one pass each) into fixed preprocessed pairs and clips."""
     import torch
 
-    from avindex.media import clip_moment, clip_starts
+    from avindex.decode import clip_moment
+    from avindex.media import clip_starts
 
     rng = np.random.default_rng([seed, 2 << 20])
     clip = audio_cfg.clip_seconds

@@ -97,7 +97,8 @@ def result_frames(
 ) -> dict[tuple[str, float], np.ndarray | None]:
     """Frames at t0 + half a clip of each (path, t0), one read_moments pass per video; a video
     that cannot be read (moved since embedding) gives None."""
-    from avindex.media import MediaError, clip_moment, read_moments
+    from avindex.decode import clip_moment, read_moments
+    from avindex.media import MediaError
 
     by_path: dict[str, set[float]] = defaultdict(set)
     for path, t0 in wanted:

@@ -5,10 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from mediafactory import build_zoo
 
 from avindex.config import SynthConfig
 from avindex.synth import make_corpus
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests skip by themselves where CUDA is absent (one reason, one place)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu marker: needs CUDA (run benchmarks/gpu_check.sh on a GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 
 # Small synthetic corpus for tests that need labelled audio-visual data.
 SMALL_CORPUS = SynthConfig(videos=4, seconds=6, classes=4, seed=123, width=64, height=48)

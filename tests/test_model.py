@@ -164,11 +164,7 @@ def test_best_threshold_matches_brute_force() -> None:
         assert acc == pytest.approx(brute.item(), abs=1e-9)
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
 @pytest.mark.gpu
-@cuda
 @pytest.mark.parametrize("head", HEADS)
 def test_cuda_bf16_channels_last_matches_fp32(head: str) -> None:
     torch.manual_seed(0)
@@ -186,7 +182,6 @@ def test_cuda_bf16_channels_last_matches_fp32(head: str) -> None:
 
 
 @pytest.mark.gpu
-@cuda
 def test_cuda_training_steps_and_checkpoint(tmp_path) -> None:
     torch.manual_seed(0)
     model = _net(PAPER, "contrastive").cuda().train()

@@ -242,7 +242,7 @@ def test_frame_indices_match_the_frames_pyav_picks(media_zoo: dict, name: str) -
     # media.read_moments decodes; each zoo frame encodes its own index in its colour.
     from mediafactory import decode_index
 
-    from avindex.media import Moment, read_moments
+    from avindex.decode import Moment, read_moments
 
     path = str(media_zoo[name][0])
     times = np.linspace(0.0, 2.9, 23)
@@ -252,19 +252,11 @@ def test_frame_indices_match_the_frames_pyav_picks(media_zoo: dict, name: str) -
     assert frame_indices(path, times).tolist() == decoded
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 gpu = pytest.mark.gpu
 
 
 @gpu
 def test_cuda_preprocessor_matches_cpu() -> None:
-    if not _cuda():
-        pytest.skip("needs CUDA")
     frames, audio = noise_frames(3, 128, 150) + smooth_frames(1, 256, 300), make_signals(AUDIO, 4)
     cpu_frames, cpu_specs = Preprocessor(AUDIO, SMALL, batch_size=4)(frames, audio)
     gpu_frames, gpu_specs = Preprocessor(AUDIO, SMALL, batch_size=4, device="cuda")(frames, audio)
@@ -284,11 +276,9 @@ def test_cuda_preprocessor_matches_cpu() -> None:
 def test_nvdec_frames_match_pyav_frames(media_zoo: dict, name: str) -> None:
     # NVDEC + GPU resize vs PyAV swscale + DALI CPU: the same frames (by their colour code) and
     # close pixels (mean |diff| < 0.1 after normalisation: colour conversion and scalers differ).
-    if not _cuda():
-        pytest.skip("needs CUDA")
     from mediafactory import decode_index
 
-    from avindex.media import Moment, read_moments
+    from avindex.decode import Moment, read_moments
     from avindex.pipelines import GpuFrameDecoder
 
     tiny = VideoConfig(resize_shorter=48, crop=40)

@@ -10,17 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from avindex.cli import main
 from avindex.config import AudioConfig, EmbedConfig, VideoConfig, from_dict
+from avindex.decode import Moment, read_moments
 from avindex.embed import embed_paths
 from avindex.index import build_index
-from avindex.media import Moment, decode_audio, read_moments
+from avindex.media import decode_audio
 from avindex.model import random_checkpoint, save_checkpoint
+from avindex.queries import Query, make_query, parse_batch
 from avindex.scan import find_media
-from avindex.search import Query, Searcher, audio_windows, make_query, parse_batch
+from avindex.search import Searcher, audio_windows
 from avindex.sheet import sheet_size, write_sheet
 from avindex.store import Store, StoreMeta, StoreWriter, VideoRecord
 from avindex.synth import write_video
@@ -93,10 +94,19 @@ def test_k_above_the_store_size_returns_every_indexed_clip(vector_store: Path) -
 
 
 def test_k_over_the_gpu_limit_is_one_clear_error(vector_store: Path) -> None:
-    searcher = Searcher(vector_store)
-    searcher.index("audio").device = "cuda"  # the check faiss GPU indexes need, without a GPU
-    (r,) = searcher.run([Query("clip", "3")], 4096)
-    assert "at most 2048" in r.error and not r.hits
+    from avindex.errors import AvindexError
+    from avindex.index import search_vectors
+
+    index = Searcher(vector_store).index("audio")
+    index.device = "cuda"  # the check faiss GPU indexes need, without a GPU
+    with pytest.raises(AvindexError, match="at most 2048"):
+        search_vectors(index, np.ones((1, 16), np.float32), 4096)
+
+
+@pytest.mark.parametrize("k", [2_000_000_000, 2**62])
+def test_a_huge_k_is_clamped_to_the_index_size(vector_store: Path, k: int) -> None:
+    (r,) = Searcher(vector_store).run([Query("clip", "3", target="visual")], k)
+    assert r.error is None and len(r.hits) == 60
 
 
 def test_batch_query_on_a_missing_index_fails_alone(vector_store: Path, tmp_path: Path) -> None:
@@ -241,11 +251,7 @@ def test_long_audio_query_is_the_normalised_mean_of_its_windows(searcher, query_
     """A 1.5 s flac has one full clip window; a 2 s wav two, averaged and re-normalised."""
     (two,) = searcher.run([Query("audio", str(query_files["wav8k_stereo"]))], K)
     assert two.audio.shape == (2, 48_000)
-    model = searcher.checkpoint().model
-    specs = searcher._preprocessor().spectrograms(two.audio)
-    with torch.inference_mode():
-        each = model.encode_audio(specs).numpy()
-    mean = each.mean(axis=0)
+    mean = searcher.encoder().sounds(two.audio).mean(axis=0)
     np.testing.assert_allclose(two.vector, mean / np.linalg.norm(mean), atol=1e-5)
 
 

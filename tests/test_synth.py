@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from avindex import cli
 from avindex.config import AudioConfig, SynthConfig, VideoConfig
+from avindex.decode import Moment, read_moments
 from avindex.errors import AvindexError
-from avindex.media import Moment, probe, read_moments
+from avindex.media import probe
 from avindex.synth import LABELS_FILE, clip_labels, event_classes, load_labels, make_corpus
 
 AUDIO = AudioConfig()
