@@ -32,6 +32,7 @@ def main() -> None:
 def probe(
     paths: list[str] = typer.Argument(..., help="Media files or folders (searched recursively)."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list of dicts instead."),
+    workers: int = typer.Option(None, help="Probing processes (default: as embed's decoders)."),
 ) -> None:
     """Describe media files, or say in one line why each cannot be used.
 
@@ -39,10 +40,13 @@ def probe(
     """
     import json
 
-    from avindex.media import probe as probe_file
-    from avindex.scan import find_media
+    from avindex.config import EmbedConfig
+    from avindex.media import MediaInfo, probe_files
+    from avindex.scan import scan_inputs
 
-    infos = [probe_file(p) for p in find_media(paths)]
+    found = scan_inputs(paths)
+    infos = probe_files(found.paths, workers or EmbedConfig().decode_workers) if found.paths else []
+    infos += [MediaInfo(p, error="no such file or folder") for p in found.missing]
     if json_out:
         print(json.dumps([i.to_dict() for i in infos], indent=2))
         return
@@ -61,6 +65,9 @@ def probe(
     bad = [i for i in infos if not i.usable]
     for i in bad:
         console.print(f"[red]unusable[/red] {_short(i.path)}: {i.error}", highlight=False)
+    for i in infos:
+        for warning in i.warnings:
+            console.print(f"[yellow]note[/yellow] {_short(i.path)}: {warning}", highlight=False)
     console.print(f"{len(infos)} files, {len(infos) - len(bad)} usable, {len(bad)} unusable")
 
 
@@ -193,11 +200,17 @@ def embed(
     ),
     seed: int = typer.Option(0, help="With --model random: weight seed."),
     retry_failed: bool = typer.Option(False, help="Try again the videos that failed before."),
+    part: str = typer.Option(
+        None,
+        help="K/N: embed only share K (0..N-1) of the inputs, split by a stable hash of each "
+        "path, so N processes on N machines (a Slurm array, a shell loop) fill one store.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Embed every second of every video into the store (resumable; bad files are reported).
 
     Example: avindex embed videos/ --model run/best.pt --store store/
+    Many machines: avindex embed videos/ --model m.pt --store store/ --part $K/$N
     """
     import json
     from pathlib import Path
@@ -206,12 +219,15 @@ def embed(
     from avindex.embed import embed_paths
     from avindex.model import load_checkpoint, random_checkpoint
     from avindex.progress import EmbedProgress
-    from avindex.scan import find_media
+    from avindex.scan import scan_inputs, select_part
 
     cfg = replace(
         EmbedConfig(), hop=hop, batch_size=batch_size, device=device, decode_workers=workers
     )
-    paths = find_media(inputs)
+    found = scan_inputs(inputs)
+    paths = select_part(found.paths, part)
+    for missing in found.missing:
+        print(f"avindex: skipped input: {missing}: no such file or folder", file=sys.stderr)
     if model == "random":
         ckpt = random_checkpoint(width, seed, preset=preset)
     else:
@@ -230,9 +246,11 @@ def embed(
             model_path=None if model == "random" else model,
         )
     if json_out:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps({**report.to_dict(), "missing_inputs": found.missing}, indent=2))
     else:
         progress.summary(report, store)
+    if found.missing:
+        raise typer.Exit(1)  # the rest is embedded; a typo in a path must not pass unnoticed
 
 
 @app.command()

@@ -13,9 +13,32 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from avindex.config import DemoConfig, replace
+from avindex.errors import AvindexError
 
 if TYPE_CHECKING:
     from avindex.evaluate import EvalReport
+
+
+DEMO_FOLDERS = ("corpus", "queries", "run", "store")
+MARKER = ".avindex-demo"  # written into OUT by the demo: only such a folder is ever cleared
+
+
+def prepare_out(out: Path) -> Path:
+    """OUT ready for a fresh demo: new or empty (then marked as the demo's), or a folder the demo
+    made before (its own subfolders are cleared). Any other folder is refused, never cleared."""
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise AvindexError(f"--out {out}: is a file; give a new or empty folder")
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise AvindexError(
+            f"--out {out}: holds files the demo did not write; give a new or empty folder "
+            "(the demo clears its output folder before each run)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `avindex demo`; it may clear this folder's demo data\n")
+    for name in DEMO_FOLDERS:  # a re-run starts fresh: a new model, a new store
+        shutil.rmtree(out / name, ignore_errors=True)
+    return out
 
 
 @dataclass
@@ -116,10 +139,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoReport:
     from avindex.synth import load_labels, make_corpus
     from avindex.train import train
 
-    out = Path(cfg.out).resolve()
-    corpus, held, run, store = out / "corpus", out / "queries", out / "run", out / "store"
-    for folder in (corpus, held, run, store):  # a re-run starts fresh: a new model, a new store
-        shutil.rmtree(folder, ignore_errors=True)
+    out = prepare_out(Path(cfg.out))
+    corpus, held, run, store = (out / name for name in DEMO_FOLDERS)
     report = DemoReport(out)
     labels_file = _timed(report, "synth", say, lambda: make_corpus(corpus, cfg.corpus))
     held_labels = make_corpus(held, replace(cfg.corpus, videos=1, seed=cfg.corpus.seed + 1000))
