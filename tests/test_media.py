@@ -294,3 +294,45 @@ def test_audio_only_reading_gives_the_same_windows(media_zoo):
         for x, y in zip(both, alone, strict=True):
             np.testing.assert_array_equal(x.audio, y.audio, err_msg=name)
             assert x.has_audio == y.has_audio
+
+
+@pytest.mark.parametrize("channels", [8, 9, 24, 63])
+def test_many_channel_wav_mixes_down_without_crashing(tmp_path, channels: int) -> None:
+    """PyAV's planar frames of 8+ channels crashed the process (SIGSEGV); packed float does not."""
+    path = mf.write_wav(tmp_path / f"ch{channels}.wav", 1.5, 16_000, channels)
+    got = decode_audio(path, 16_000)
+    want = mf.mono_reference(np.arange(len(got)) / 16_000, channels)
+    assert rel_error(got[100:-100], want[100:-100]) < 1e-3
+    assert probe(path).error == "no video stream (audio only)"
+
+
+def test_71_aac_video_probes_and_reads(media_zoo) -> None:
+    path = media_zoo["audio71.mp4"][0]
+    info = probe(path)
+    assert info.usable and info.channels == 8 and not info.warnings
+    data = list(read_moments(path, clip_moments(info.duration), AUDIO, VIDEO))
+    assert len(data) == 3 and all(d.has_audio for d in data)
+
+
+def test_extreme_aspect_video_is_refused_in_one_line(tmp_path) -> None:
+    """A 2.5 kB 4096x16 video would be 48 MiB per frame once scaled to a 256 px short side."""
+    path = tmp_path / "strip.mp4"
+    write_video(path, mf.make_frames(25, (4096, 16)), 25.0, mf.soundtrack(1.0, 48_000, 1))
+    assert "aspect ratio beyond 8:1" in probe(path).error
+    with pytest.raises(MediaError, match="aspect ratio beyond 8:1"):
+        list(read_moments(path, [Moment(0.5, 0.0)], AUDIO, VIDEO))
+
+
+def test_a_lying_wav_costs_bounded_memory(tmp_path) -> None:
+    """A 200 kB WAV of 1,000 s at 100 Hz was resampled whole to 48 kHz (820 MB); a query now
+    decodes at most max_seconds. Rates that are not sound (1 Hz) are refused."""
+    mf.write_wav(tmp_path / "slow.wav", 1000.0, 100, 1)  # below the 2 kHz floor: refused
+    with pytest.raises(MediaError, match="100 Hz is outside"):
+        decode_audio(tmp_path / "slow.wav", 48_000, max_seconds=300)
+    long = mf.write_wav(tmp_path / "long.wav", 600.0, 2_000, 1)
+    tracemalloc.start()
+    samples = decode_audio(long, 48_000, max_seconds=60)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(samples) == 60 * 48_000
+    assert peak < 80 << 20, f"{peak >> 20} MiB for a 60 s query"
