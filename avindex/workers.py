@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import resource
 import signal
 import threading
 import time
@@ -90,9 +91,7 @@ def _worker_main(conn: Connection, limits: PoolLimits) -> None:
     """Worker process: run jobs from `conn` until it closes, streaming results back."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if limits.memory_bytes:
-        with contextlib.suppress(ValueError, OSError, ImportError):
-            import resource
-
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
     conn.send(("ready", None, None))
     while True:

@@ -44,7 +44,7 @@ def test_demo_trains_on_the_device_it_was_given(tmp_path, monkeypatch):
     """`avindex demo --device cpu` trains on the CPU too, not only embeds and searches there."""
     import dataclasses
 
-    from avindex import train
+    from avindex import demo
 
     class Stop(Exception):
         """Ends the demo once training was asked for."""
@@ -55,7 +55,7 @@ def test_demo_trains_on_the_device_it_was_given(tmp_path, monkeypatch):
         seen["device"] = preset.train.device
         raise Stop
 
-    monkeypatch.setattr(train, "train", fake_train)
+    monkeypatch.setattr(demo, "train", fake_train)
     corpus = SynthConfig(videos=2, seconds=2, classes=2, seed=5, width=32, height=24)
     cfg = dataclasses.replace(TINY, corpus=corpus, out=str(tmp_path / "demo"), device="cpu")
     with pytest.raises(Stop):
