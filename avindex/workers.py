@@ -10,14 +10,18 @@ consumer, up to a limit) and replaces a worker that died or stalled.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import itertools
-import multiprocessing as mp
+import json
 import os
 import pickle
 import queue
 import resource
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -28,7 +32,6 @@ from typing import Any
 
 from avindex.errors import AvindexError
 
-_CONTEXT = mp.get_context("spawn")  # no fork: the parent may hold threads, CUDA and DALI state
 _POLL = 0.2  # seconds between checks for stalled workers and a closed pool
 _MAX_FAILED_STARTS = 3  # workers dying before they are ready: the machine, not a file, is at fault
 
@@ -126,6 +129,42 @@ def _worker_main(conn: Connection, limits: PoolLimits) -> None:
             )
 
 
+class _Process:
+    """A worker interpreter, `python -m avindex.workers FD LIMITS`, talking over a socket.
+
+    Not multiprocessing's spawn: its children re-import the parent's main script (a benchmark
+    that imports torch made every decoder 270 MB) and cannot start from a script read on stdin.
+    Not fork either: the parent may hold threads, CUDA and DALI state.
+    """
+
+    def __init__(self, limits: PoolLimits) -> None:
+        parent, child = socket.socketpair()
+        paths = [p for p in sys.path if p and os.path.exists(p)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+        argv = [sys.executable, "-m", "avindex.workers", str(child.fileno())]
+        argv.append(json.dumps(dataclasses.asdict(limits)))
+        self.popen = subprocess.Popen(
+            argv, pass_fds=[child.fileno()], env=env, stdin=subprocess.DEVNULL
+        )
+        child.close()
+        self.conn = Connection(parent.detach())
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.kill()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.returncode
+
+
 @dataclass
 class _Worker:
     process: Any
@@ -163,13 +202,8 @@ class WorkerPool:
         self._thread.start()
 
     def _spawn(self) -> _Worker:
-        parent, child = _CONTEXT.Pipe(duplex=True)
-        process = _CONTEXT.Process(
-            target=_worker_main, args=(child, self._limits), name="avindex-worker", daemon=True
-        )
-        process.start()
-        child.close()
-        return _Worker(process, parent)
+        process = _Process(self._limits)
+        return _Worker(process, process.conn)
 
     def events(self) -> Iterator[Event]:
         """Events until every job is finished (blocks while workers are busy)."""
@@ -214,9 +248,9 @@ class WorkerPool:
             busy = [w for w in self._workers if w.job is not None]
             if exhausted and not busy:
                 return
-            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], _POLL)
+            ready = wait([w.conn for w in busy], _POLL)  # a dead worker's socket reads EOF
             for worker in busy:
-                if worker.conn in ready or worker.process.sentinel in ready:
+                if worker.conn in ready:
                     self._receive(worker)
             self._check_stalls()
 
@@ -252,17 +286,18 @@ class WorkerPool:
                 if worker.job is None:
                     return
         except (EOFError, OSError, pickle.UnpicklingError):
-            pass  # the worker died mid-message: its job fails below
-        if not worker.process.is_alive() and worker.job is not None:
+            # The worker died (perhaps mid-message): wait for its exit status, fail its job.
+            worker.process.join(5.0)
+            worker.process.kill()
             worker.process.join()
             how = _signal_name(worker.process.exitcode)
             if not worker.started:
                 self._failed_starts += 1
                 if self._failed_starts >= _MAX_FAILED_STARTS:
                     raise AvindexError(
-                        f"cannot start media worker processes ({how}); run avindex from a "
-                        "script file or the command line (spawned workers re-import it)"
-                    )
+                        f"cannot start media worker processes ({how}); check that "
+                        f"`{sys.executable} -m avindex.workers` can import avindex"
+                    ) from None
             self._replace(worker, f"decoder crashed ({how})")
 
     def _check_stalls(self) -> None:
@@ -387,3 +422,7 @@ __all__ = [
     "WorkerPool",
     "run_isolated",
 ]
+
+
+if __name__ == "__main__":
+    _worker_main(Connection(int(sys.argv[1])), PoolLimits(**json.loads(sys.argv[2])))

@@ -73,7 +73,7 @@ def test_jobs_stream_in_order_and_a_crash_fails_only_its_job() -> None:
 
 def test_a_stalled_worker_is_killed_and_replaced() -> None:
     jobs = [Job("hang", hang), Job("after", square, (3,))]
-    with WorkerPool(jobs, workers=1, limits=PoolLimits(stall_seconds=1.0)) as pool:
+    with WorkerPool(jobs, workers=1, limits=PoolLimits(stall_seconds=4.0)) as pool:
         _, ends = _collect(pool)
     assert "stalled" in ends["hang"].reason and ends["after"] == Done("after", 9)
 
