@@ -2,7 +2,8 @@
 
 Samples the resident memory (RSS) and open file descriptors of the embedding process and of its
 decoder processes after every video; after warm-up (the first --warmup videos) neither may grow:
-RSS by at most 5%, descriptors not at all.
+the median RSS of the last tenth of the run at most 5% above that of the first tenth after
+warm-up, descriptors not at all.
 
 Example: .venv/bin/python benchmarks/soak.py --videos 1000 --json benchmarks/results/soak.json
 """
