@@ -30,6 +30,9 @@ _SNAP_SECONDS = 0.002
 # Once video is this far (seconds) past a clip's audio window with no audio arriving, the audio
 # track is treated as ended, so a short soundtrack cannot make chosen frames pile up unboundedly.
 _MAX_AV_LAG = 10.0
+# read_moments(seek=True) lands this far before the first moment: the audio packets interleaved
+# around the video keyframe it seeks to, and the audio decoder's warm-up, lie before the window.
+_SEEK_MARGIN = 1.0
 
 
 class MediaError(AvindexError):
@@ -423,11 +426,14 @@ def read_moments(
     video_cfg: VideoConfig,
     threads: int = 1,
     frames: bool = True,
+    seek: bool = False,
 ) -> Iterator[MomentData]:
     """Read frames and audio windows for `moments` (sorted by frame_time) in one streaming pass.
 
     frames=False reads the audio alone (MomentData.frame is None), for frames decoded elsewhere
-    (NVDEC); the audio is still placed on the video stream's timeline.
+    (NVDEC); the audio is still placed on the video stream's timeline. seek=True first seeks to
+    the keyframe before the earliest moment, so a moment late in a long file is read without
+    decoding everything before it (a few moments of one file, e.g. a result to show).
     """
     import av
 
@@ -441,7 +447,12 @@ def read_moments(
         video = _video_stream(container, path)
         audio = container.streams.audio[0] if container.streams.audio else None
         _set_threads(video, threads)
-        t0 = float(start_pts(video, None) * video.time_base)
+        origin = start_pts(video, None)
+        t0 = float(origin * video.time_base)
+        first = min(min(m.frame_time, m.audio_start) for m in moments) - _SEEK_MARGIN
+        if seek and first > 0:
+            with contextlib.suppress(av.FFmpegError):  # unseekable: read from the start
+                container.seek(origin + int(first / video.time_base), stream=video)
         reader = _MomentReader(moments, t0, audio_cfg, video_cfg)
         reader.audio_done = audio is None
         if not frames:
