@@ -283,11 +283,11 @@ def test_oversize_upload_is_refused_while_it_streams(client, state, uploads):
 
     async def receive() -> dict:
         nonlocal pulled
-        pulled += 1  # an endless upload: 64 KiB a message
+        pulled += 1  # 64 KiB a message, up to 4x the limit (a server that reads it all fails)
         return {
             "type": "http.request",
             "body": head if pulled == 1 else b"x" * chunk,
-            "more_body": True,
+            "more_body": pulled * chunk < 4 * CFG.max_upload_bytes,
         }
 
     async def send(message: dict) -> None:
@@ -415,7 +415,7 @@ def test_a_sequence_of_bad_requests_then_good_ones(client, uploads):
 # --- facts, page, docs, metrics ---
 
 
-def test_info_and_health(client, state, store_dir):
+def test_info_and_health(client, store_dir):
     info = client.get("/api/info").json()
     index = json.loads((store_dir / "index" / "index.json").read_text())
     assert info["clips"] == info["indexed_clips"] == 24 and info["videos"] == 4
@@ -427,6 +427,14 @@ def test_info_and_health(client, state, store_dir):
     assert any("random untrained weights" in n for n in info["notes"])
     assert info["limits"]["max_k"] == CFG.max_k
     assert client.get("/api/health").json() == {"status": "ok", "clips": 24}
+
+
+def test_notes_name_the_store_folder_not_its_path(client, state, monkeypatch):
+    folder = state.searcher.dir
+    monkeypatch.setattr(state.searcher, "notes", lambda: [f"run `avindex index {folder} --update`"])
+    assert client.get("/api/info").json()["notes"] == [
+        f"run `avindex index {folder.name} --update`"
+    ]
 
 
 def test_page_docs_and_schema_need_nothing_from_elsewhere(client):

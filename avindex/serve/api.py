@@ -106,7 +106,7 @@ class InfoOut(BaseModel):
     model: dict[str, str | float | int | None]
     indexes: dict[str, IndexOut]
     notes: list[str]
-    limits: dict[str, float]
+    limits: dict[str, int | float]
 
 
 class VideoOut(VideoRef):
@@ -310,7 +310,11 @@ def build_router(state: ServeState) -> APIRouter:
             "hop": meta.hop,
             "model": _model_facts(meta.model_source, meta.model_config, meta.model_sha256),
             "indexes": indexes,
-            "notes": state.searcher.notes(),
+            # Notes name the store's folder; clients get its name only.
+            "notes": [
+                n.replace(str(state.searcher.dir), state.searcher.dir.name)
+                for n in state.searcher.notes()
+            ],
             "limits": {
                 "max_upload_bytes": cfg.max_upload_bytes,
                 "max_upload_seconds": cfg.max_upload_seconds,
