@@ -30,7 +30,7 @@ from avindex.serve.app import PAGE_DIR, create_app
 from avindex.serve.catalog import display_names, video_id
 from avindex.serve.guard import bind_warning
 from avindex.serve.state import ServeState
-from avindex.serve.uploads import display_name, media_seconds
+from avindex.serve.uploads import display_name, media_seconds, too_long
 from avindex.synth import write_video
 
 BASE = "http://127.0.0.1:8000"  # the Host a loopback server accepts
@@ -558,6 +558,8 @@ def test_upload_helpers(uploads, tmp_path):
     assert media_seconds(uploads["video"], "video", 100) == pytest.approx(6.0, abs=0.05)
     assert media_seconds(uploads["wav"], "video", 100) is None  # no such stream
     assert media_seconds(uploads["noise"], "audio", 100) is None
+    assert too_long(uploads["long"], "audio", 8.0) and not too_long(uploads["wav"], "audio", 8.0)
+    assert too_long(uploads["video"], "video", 5.0) and not too_long(uploads["png"], "image", 0.1)
     assert display_name("../../etc/passwd") == "passwd"
     assert display_name("C:\\x\\y.wav") == "y.wav" and display_name(None) == "upload"
 

@@ -20,7 +20,7 @@ from avindex.errors import AvindexError
 from avindex.search import Query, Result, make_query
 from avindex.serve.clipmedia import jpeg_bytes
 from avindex.serve.state import ServeState
-from avindex.serve.uploads import display_name, media_seconds, save_upload
+from avindex.serve.uploads import display_name, save_upload, too_long
 from avindex.sheet import spectrogram_picture
 from avindex.store import ClipRef
 
@@ -185,16 +185,9 @@ def build_router(state: ServeState) -> APIRouter:
         name = display_name(file.filename)
         with tempfile.TemporaryDirectory(prefix="avindex-upload-") as folder:
             path = save_upload(file.file, file.filename, Path(folder))
-            if kind != "image":
-                seconds = media_seconds(
-                    path, "audio" if kind == "audio" else "video", cfg.max_upload_seconds
-                )
-                if seconds is not None and seconds > cfg.max_upload_seconds:
-                    raise HTTPException(
-                        413,
-                        f"{name}: longer than {cfg.max_upload_seconds:g} s; cut the part to "
-                        "search for",
-                    )
+            if too_long(path, kind, cfg.max_upload_seconds):
+                limit = cfg.max_upload_seconds
+                raise HTTPException(413, f"{name}: longer than {limit:g} s; cut the part to find")
             try:
                 query = make_query({kind: str(path), "at": at, "by": by, "in": target})
             except AvindexError as exc:

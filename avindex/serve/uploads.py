@@ -60,3 +60,11 @@ def media_seconds(path: Path, stream_kind: str, limit: float) -> float | None:
         except av.FFmpegError:
             pass  # a damaged tail: the packets read so far give the length
     return None if lo is None else float((hi - lo) * time_base)
+
+
+def too_long(path: Path, kind: str, limit: float) -> bool:
+    """True when a sound or video query spans more than `limit` seconds (a picture never does)."""
+    if kind == "image":
+        return False
+    seconds = media_seconds(path, "audio" if kind == "audio" else "video", limit)
+    return seconds is not None and seconds > limit
