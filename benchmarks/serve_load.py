@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
 import json
 import os
 import socket
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
@@ -31,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from avindex.bench.corpus import clustered_vectors
+from avindex.bench.measure import paired_rates
 from avindex.config import EmbedConfig, IndexConfig, SearchConfig
 from avindex.embed import store_meta
 from avindex.index import build_index
@@ -42,6 +45,7 @@ from avindex.store import StoreWriter, VideoRecord
 CLIPS_PER_VIDEO = 1_000
 KINDS = ("clip", "audio", "image")
 K = 10
+ROUNDS = 5  # alternating bursts of in-process and served queries
 START_SECONDS = 120.0  # the server loads the model and indexes before it answers
 
 
@@ -74,28 +78,67 @@ def query_files(folder: Path, seed: int) -> dict[str, bytes]:
     return files
 
 
-def cli_rates(store: Path, folder: Path, clips: int, seconds: float, seed: int) -> dict:
-    """The CLI's own rate: one Searcher.run per query, in this process, for each kind."""
+def paired_baseline(
+    store: Path, url: str, files: dict, folder: Path, clips: int, seconds: float, seed: int
+) -> dict:
+    """The CLI's own rate (one Searcher.run per query, in this process) against one client of
+    the server, in alternating bursts (a shared machine's load hits both alike), same query mix."""
     searcher = Searcher(store, cfg=SearchConfig(device="cpu"))
     rng = np.random.default_rng(seed)
     paths = {"audio": str(folder / "query-audio"), "image": str(folder / "query-image")}
-    out = {}
-    for kind in KINDS:
-        make = (
-            (lambda: Query("clip", str(int(rng.integers(0, clips)))))
-            if kind == "clip"
-            else (lambda kind=kind: Query(kind, paths[kind]))
-        )
-        searcher.run([make(), make(), make()], K)  # warm: model, indexes, first calls
-        latencies = []
-        stop = time.perf_counter() + seconds
-        while time.perf_counter() < stop:
+    latencies: dict[str, dict[str, list[float]]] = {"cli": {}, "served": {}}
+    errors = 0
+    http = httpx2.Client(base_url=url, timeout=120.0)
+
+    def timed(side: str, kinds: itertools.cycle, ask: Callable[[str], bool]) -> Callable[[], int]:
+        def step() -> int:
+            nonlocal errors
+            kind = next(kinds)
             started = time.perf_counter()
-            (result,) = searcher.run([make()], K)
-            latencies.append(time.perf_counter() - started)
-            assert result.error is None, result.error
-        out[kind] = _summary(latencies, sum(latencies), 0)
-    return out
+            ok = ask(kind)
+            latencies[side].setdefault(kind, []).append(time.perf_counter() - started)
+            errors += not ok
+            return 1
+
+        return step
+
+    def cli(kind: str) -> bool:
+        value = str(int(rng.integers(0, clips))) if kind == "clip" else paths[kind]
+        (result,) = searcher.run([Query(kind, value)], K)
+        return result.error is None and len(result.hits) == K
+
+    def served(kind: str) -> bool:
+        try:
+            response = _request(http, kind, files, int(rng.integers(0, clips)))
+        except httpx2.HTTPError:
+            return False
+        return response.status_code == 200 and len(response.json()["hits"]) == K
+
+    searcher.run([Query("audio", paths["audio"]), Query("image", paths["image"])], K)  # warm
+    with http:
+        cli_qps, served_qps = paired_rates(
+            timed("cli", itertools.cycle(KINDS), cli),
+            timed("served", itertools.cycle(KINDS), served),
+            seconds,
+            ROUNDS,
+        )
+    return {
+        "cli_queries_per_s": round(cli_qps, 2),
+        "served_queries_per_s": round(served_qps, 2),
+        "errors": errors,
+        "p50_ms": {
+            side: {k: round(1000 * float(np.median(v)), 2) for k, v in by_kind.items()}
+            for side, by_kind in latencies.items()
+        },
+    }
+
+
+def _request(http: httpx2.Client | httpx2.AsyncClient, kind: str, files: dict, clip: int):
+    """One query of `kind` (a coroutine for an AsyncClient): clip id, or an uploaded file."""
+    if kind == "clip":
+        return http.get(f"/api/clips/{clip}/similar?k={K}")
+    form = {"kind": kind, "k": str(K)}
+    return http.post("/api/search", data=form, files={"file": (kind, files[kind])})
 
 
 def _summary(latencies: list[float], seconds: float, errors: int) -> dict:
@@ -150,11 +193,7 @@ async def _client(
         turn += 1
         started = time.perf_counter()
         try:
-            if kind == "clip":
-                r = await http.get(f"/api/clips/{int(rng.integers(0, clips))}/similar?k={K}")
-            else:
-                form = {"kind": kind, "k": str(K)}
-                r = await http.post("/api/search", data=form, files={"file": (kind, files[kind])})
+            r = await _request(http, kind, files, int(rng.integers(0, clips)))
             ok = r.status_code == 200 and len(r.json()["hits"]) == K
         except httpx2.HTTPError:
             ok = False
@@ -194,8 +233,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clips", type=int, default=100_000)
     parser.add_argument("--seconds", type=float, default=30.0, help="per load level")
-    parser.add_argument("--levels", default="1,8,32", help="concurrent clients per level")
-    parser.add_argument("--cli-seconds", type=float, default=10.0, help="per query kind")
+    parser.add_argument(
+        "--levels", default="1,8,32,32", help="concurrent clients per level (32 twice: RSS flat?)"
+    )
+    parser.add_argument(
+        "--baseline-seconds", type=float, default=60.0, help="CLI vs one client, both together"
+    )
     parser.add_argument("--workdir", help="keep the store here (reused when present)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--seed", type=int, default=0)
@@ -220,57 +263,50 @@ def main() -> None:
     for entry in result["index"].values():
         for key in ("file", "build_seconds", "device", "estimated_bytes"):
             entry.pop(key, None)
-    # The CLI rate is measured before and after the server runs (the machine may be shared);
-    # the table compares with the better of the two.
-    result["cli_before"] = cli_rates(store, work, args.clips, args.cli_seconds, args.seed)
-    print("CLI (Searcher.run per query):", json.dumps(result["cli_before"]))
-
     proc, url = start_server(store, work / "serve.log")
     try:
-        result["rss_mib"] = {"start": rss_mib(proc.pid)}
-        result["levels"] = {}
+        result["rss_mib_start"] = rss_mib(proc.pid)
+        result["baseline"] = paired_baseline(
+            store, url, files, work, args.clips, args.baseline_seconds, args.seed
+        )
+        print("CLI vs one client:", json.dumps(result["baseline"]))
+        result["levels"] = []
         for clients in (int(c) for c in args.levels.split(",")):
             level = asyncio.run(load_level(url, files, args.clips, clients, args.seconds))
-            result["levels"][str(clients)] = level
-            result["rss_mib"][f"after_{clients}"] = rss_mib(proc.pid)
-            print(f"{clients} clients:", json.dumps(level), f"RSS {rss_mib(proc.pid)} MiB")
-        result["rss_mib"]["end"] = rss_mib(proc.pid)
+            level = {"clients": clients, **level, "rss_mib_after": rss_mib(proc.pid)}
+            result["levels"].append(level)
+            print(f"{clients} clients:", json.dumps(level))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    result["cli_after"] = cli_rates(store, work, args.clips, args.cli_seconds, args.seed)
-    print("CLI again:", json.dumps(result["cli_after"]))
     result["load_average_end"] = load_average()
     print_table(result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    errors = sum(level["errors"] for level in result["levels"].values())
+    errors = result["baseline"]["errors"] + sum(level["errors"] for level in result["levels"])
     if errors:
         raise SystemExit(f"{errors} failed requests")
 
 
-def _rate(summary: dict) -> float:
-    return summary["queries_per_s"]
-
-
 def print_table(result: dict) -> None:
-    """Markdown table: each load level beside the CLI's in-process rate."""
-    cli = {
-        kind: max(result["cli_before"][kind], result["cli_after"][kind], key=_rate)
-        for kind in KINDS
-    }
-    cli_total = len(KINDS) / sum(1 / cli[k]["queries_per_s"] for k in KINDS)  # the clients' mix
-    print("\n| clients | queries/s | x CLI mix | p50 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|")
-    for clients, level in result["levels"].items():
-        ratio = level["queries_per_s"] / cli_total
-        row = [clients, level["queries_per_s"], f"{ratio:.2f}", level["p50_ms"], level["p99_ms"]]
-        print("| " + " | ".join(str(x) for x in [*row, level["errors"]]) + " |")
-    print(f"| CLI, in-process | {cli_total:.1f} | 1.00 | | | 0 |")
+    """Markdown table: each load level beside the CLI's in-process rate (same query mix)."""
+    base = result["baseline"]
+    cli = base["cli_queries_per_s"]
+    print("\n| clients | queries/s | x CLI | p50 ms | p99 ms | errors | server RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| (start) | | | | | | {result['rss_mib_start']} |")
+    for level in result["levels"]:
+        ratio = f"{level['queries_per_s'] / cli:.2f}"
+        row = [level["clients"], level["queries_per_s"], ratio, level["p50_ms"], level["p99_ms"]]
+        row += [level["errors"], level["rss_mib_after"]]
+        print("| " + " | ".join(str(x) for x in row) + " |")
+    print(f"\nalternating bursts: CLI {cli} q/s, one client {base['served_queries_per_s']} q/s")
     for kind in KINDS:
-        print(f"CLI {kind}: {cli[kind]['queries_per_s']} q/s, p50 {cli[kind]['p50_ms']} ms")
-    print("server RSS MiB:", result["rss_mib"])
+        print(
+            f"{kind}: p50 CLI {base['p50_ms']['cli'][kind]} ms, "
+            f"served {base['p50_ms']['served'][kind]} ms"
+        )
 
 
 if __name__ == "__main__":
