@@ -57,7 +57,9 @@ async function loadFacts() {
 function showKindOptions() {
   const video = $("kind").value === "video";
   document.querySelectorAll(".video-only").forEach((el) => el.classList.toggle("off", !video));
-  $("preview").hidden = !video || !state.file;
+  const preview = $("preview");
+  if (video && state.file && !preview.src) preview.src = URL.createObjectURL(state.file);
+  preview.hidden = !video || !state.file;
 }
 
 function chooseFile(file) {
@@ -66,8 +68,10 @@ function chooseFile(file) {
   $("kind").value = guessKind(file);
   $("at").value = 0;
   const preview = $("preview");
-  if (preview.src) URL.revokeObjectURL(preview.src);
-  preview.src = $("kind").value === "video" ? URL.createObjectURL(file) : "";
+  if (preview.src) {
+    URL.revokeObjectURL(preview.src);
+    preview.removeAttribute("src");
+  }
   showKindOptions();
   $("search").disabled = false;
   searchUpload();
