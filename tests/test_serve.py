@@ -539,13 +539,22 @@ def test_binding_off_loopback_needs_a_token():
     assert "reachable from other machines" in bind_warning(ServeConfig(host="0.0.0.0", token="t"))
 
 
-def test_cli_serve_off_loopback_without_token_is_one_line(store_dir, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--host", "0.0.0.0"], "--token"),
+        (["--k", "500"], "--k 500: expected 1..100"),
+        (["--port", "70000"], "--port 70000"),
+        (["--max-upload-seconds", "0"], "must be positive"),
+    ],
+)
+def test_cli_serve_refuses_bad_settings_in_one_line(store_dir, capsys, monkeypatch, args, words):
     monkeypatch.delenv("AVINDEX_SERVE_TOKEN", raising=False)
-    monkeypatch.setattr("sys.argv", ["avindex", "serve", str(store_dir), "--host", "0.0.0.0"])
+    monkeypatch.setattr("sys.argv", ["avindex", "serve", str(store_dir), *args])
     with pytest.raises(SystemExit) as exc:
         main()
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and err.count("\n") == 1 and "--token" in err
+    assert exc.value.code == 2 and err.count("\n") == 1 and words in err
 
 
 # --- helpers ---

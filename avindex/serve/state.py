@@ -40,8 +40,9 @@ class ServeState:
         # this one thread, one at a time (one thread also keeps per-thread library state and
         # allocator arenas from growing with the number of request threads: flatter RSS).
         self._searches = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avindex-search")
-        # Warm up here, on the main thread: when a Searcher's first query ran on another thread,
-        # image and sound queries on that thread took ~50x longer (measured: 0.8 s vs 15 ms).
+        # Warm up here, on the main thread: on a busy 2-core machine, torch's intra-op threads
+        # stalled sound and picture queries on the thread that ran the model first (measured
+        # ~0.8 s instead of ~20 ms), so that thread must not be the search thread.
         self._warm_up()
 
     def _warm_up(self) -> None:
