@@ -467,6 +467,56 @@ def _print_results(results: list) -> None:
             console.print("no results (empty index?)")
 
 
+@app.command()
+def serve(
+    store: str = typer.Argument(..., help="Indexed store (`avindex embed`, then `avindex index`)."),
+    host: str = typer.Option(
+        None, help="Address to listen on (default 127.0.0.1; any other needs --token)."
+    ),
+    port: int = typer.Option(None, help="Port (default 8000)."),
+    token: str = typer.Option(
+        None,
+        envvar="AVINDEX_SERVE_TOKEN",
+        help="Secret every API and media request must carry (header, cookie or ?token=); "
+        "open the page as /?token=SECRET. Required off loopback.",
+    ),
+    model: str = typer.Option(
+        None, help="Checkpoint the store was embedded with (default: the one the store records)."
+    ),
+    device: str = typer.Option(None, help="auto | cpu | cuda (query encoding and faiss)."),
+    max_upload_bytes: int = typer.Option(None, help="Largest upload (whole request, bytes)."),
+    max_upload_seconds: float = typer.Option(None, help="Longest sound or video query, seconds."),
+    k: int = typer.Option(None, "-k", "--k", help="Results per query unless a request says."),
+    max_k: int = typer.Option(None, help="Most results a request may ask for."),
+) -> None:
+    """Serve search over HTTP: a JSON API and a web page to drop a sound, picture or video
+    into, look at the results and play them from the right moment.
+
+    Example: avindex serve store/ --port 8000   (then open http://127.0.0.1:8000/)
+    """
+    from avindex.config import ServeConfig, replace
+
+    try:
+        from avindex.serve.app import serve as run_server
+    except ImportError as exc:
+        raise AvindexError(
+            f"avindex serve needs the serve extra ({exc.name} is missing): "
+            "pip install 'avindex[serve]'"
+        ) from None
+    cfg = replace(
+        ServeConfig(),
+        host=host,
+        port=port,
+        token=token,
+        device=device,
+        max_upload_bytes=max_upload_bytes,
+        max_upload_seconds=max_upload_seconds,
+        k=k,
+        max_k=max_k,
+    )
+    run_server(store, cfg, model)
+
+
 @app.command("eval")
 def eval_command(
     store: str = typer.Argument(..., help="Store directory written by `avindex embed`."),

@@ -288,6 +288,35 @@ def _scan(
     return first, heard
 
 
+def stream_seconds(path: str | os.PathLike, kind: str, limit: float) -> float | None:
+    """Seconds spanned by the first `kind` ('audio' | 'video') stream's packets, counted until they
+    pass `limit` (demuxing only, no decoding); None when the file has no such stream or cannot be
+    opened (a search then says why)."""
+    try:
+        container = open_media(path)
+    except MediaError:
+        return None
+    with container:
+        streams = getattr(container.streams, kind)
+        if not streams:
+            return None
+        time_base = streams[0].time_base
+        limit_ticks = float(limit / time_base)
+        lo = hi = None
+        try:
+            for packet in container.demux(streams[0]):
+                if packet.pts is None:
+                    continue
+                end = packet.pts + (packet.duration or 0)
+                lo = packet.pts if lo is None else min(lo, packet.pts)
+                hi = end if hi is None else max(hi, end)
+                if hi - lo > limit_ticks:
+                    break  # already too long: the rest of the file need not be read
+        except av.FFmpegError:
+            pass  # a damaged tail: the packets read so far give the length
+    return None if lo is None else float((hi - lo) * time_base)
+
+
 def frame_to_rgb(
     frame: av.VideoFrame, shorter: int, reformatter: VideoReformatter, path: str
 ) -> np.ndarray:
@@ -401,5 +430,6 @@ __all__ = [
     "scaled_size",
     "set_threads",
     "start_pts",
+    "stream_seconds",
     "video_stream",
 ]

@@ -336,3 +336,35 @@ def test_a_lying_wav_costs_bounded_memory(tmp_path) -> None:
     tracemalloc.stop()
     assert len(samples) == 60 * 48_000
     assert peak < 80 << 20, f"{peak >> 20} MiB for a 60 s query"
+
+
+def test_seek_reads_the_same_moment_without_decoding_what_precedes_it(tmp_path, monkeypatch):
+    """read_moments(seek=True) (one result of a long video) gives the frame and audio a full
+    pass gives, starting from the keyframe before the moment instead of the file's start."""
+    from avindex import decode
+
+    path = tmp_path / "long.mp4"  # 10 s, keyframes every 2 s (write_video's GOP)
+    write_video(path, mf.make_frames(250, (96, 64)), 25.0, mf.soundtrack(10.0, 48_000, 2))
+    decoded = []
+    add_video = decode._MomentReader.add_video
+    monkeypatch.setattr(
+        decode._MomentReader, "add_video", lambda self, f: decoded.append(f) or add_video(self, f)
+    )
+    moments = [Moment(7.32, 6.8), Moment(8.52, 8.0)]
+    full = list(read_moments(path, moments, AUDIO, VIDEO, skip=False))
+    from_start = len(decoded)
+    decoded.clear()
+    sought = list(read_moments(path, moments, AUDIO, VIDEO, skip=False, seek=True))
+    assert len(decoded) < from_start - 50  # began at the 4 s keyframe, not at 0 s
+    for a, b in zip(full, sought, strict=True):
+        assert (
+            mf.decode_index(a.frame) == mf.decode_index(b.frame) == round(a.moment.frame_time * 25)
+        )
+        t = a.moment.audio_start + np.arange(AUDIO.n_samples) / AUDIO.sample_rate
+        assert rel_error(b.audio, mf.mono_reference(t, 2)) < 0.06
+        np.testing.assert_allclose(b.audio, a.audio, atol=1e-3)
+        assert b.has_audio
+    # A moment within the margin of the start is read from the start (nothing to skip).
+    decoded.clear()
+    (early,) = read_moments(path, [Moment(0.5, 0.0)], AUDIO, VIDEO, skip=False, seek=True)
+    assert mf.decode_index(early.frame) == round(0.5 * 25) and decoded[0].pts == 0
