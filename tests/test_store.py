@@ -7,13 +7,15 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from storefactory import fake_video, make_meta
 
+from avindex import store as store_module
+from avindex.durable import WriterId
 from avindex.errors import AvindexError
 from avindex.store import (
     ClipRef,
@@ -21,34 +23,8 @@ from avindex.store import (
     StoreMeta,
     StoreWriter,
     VideoRecord,
-    _host_tag,
     clear_tmp,
 )
-
-DIM = 8
-
-
-def make_meta(sha: str = "abc123", dim: int = DIM) -> StoreMeta:
-    """A small store meta for tests."""
-    return StoreMeta(
-        model_sha256=sha,
-        visual_dim=dim,
-        audio_dim=dim,
-        hop=1.0,
-        model_config={"width": 0.125, "head": "contrastive"},
-        embed_config={"hop": 1.0},
-    )
-
-
-def fake_video(i: int, n: int, dim: int = DIM, seed: int = 0):
-    """(record, visual, audio, has_audio, t0) of a made-up video with n clips."""
-    rng = np.random.default_rng(seed * 100_003 + i)
-    record = VideoRecord(path=f"/videos/v{i:04d}.mp4", size=1000 + i, mtime=1.5e9 + i, duration=n)
-    visual = rng.standard_normal((n, dim)).astype(np.float32)
-    audio = rng.standard_normal((n, dim)).astype(np.float32)
-    has_audio = (np.arange(n) + i) % 3 != 0
-    t0 = np.arange(n, dtype=np.float64)
-    return record, visual, audio, has_audio, t0
 
 
 def test_round_trip_and_id_mapping(tmp_path: Path) -> None:
@@ -142,10 +118,11 @@ def test_leftover_tmp_and_unreadable_shard_are_not_visible(tmp_path: Path) -> No
     # A writer that died mid-write on this host: its pid no longer exists.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    tmp = tmp_path / f"shard-{time.time_ns():020d}-{_host_tag()}-{dead.pid}-deadbeef.h5.tmp"
+    me = WriterId.current()
+    tmp = tmp_path / f"shard-1.h5.{WriterId(me.host, dead.pid, 1).tag}-deadbeef.tmp"
     tmp.write_bytes(b"half a shard")
     # A .tmp of a live writer (this process) must survive clear_tmp.
-    live = tmp_path / f"shard-{time.time_ns():020d}-{_host_tag()}-{os.getpid()}-cafef00d.h5.tmp"
+    live = tmp_path / f"shard-2.h5.{me.tag}-cafef00d.tmp"
     live.write_bytes(b"being written")
     (tmp_path / "shard-99999999999999999999-x-1-00000000.h5").write_bytes(b"garbage")
     store = Store(tmp_path)
@@ -159,7 +136,7 @@ WRITER_SCRIPT = textwrap.dedent(
     """
     import sys, time
     sys.path[:0] = [{tests!r}, {root!r}]
-    from test_store import fake_video, make_meta
+    from storefactory import fake_video, make_meta
     from avindex.store import Store, StoreWriter
     done = {{e.key for e in Store({store!r}).videos().values()}} if {resume} else set()
     with StoreWriter({store!r}, make_meta(), shard_clips=40) as writer:
@@ -264,11 +241,11 @@ def test_a_failed_shard_write_is_one_error_and_leaves_no_tmp(tmp_path, monkeypat
     rows = np.ones((2, 4), np.float32)
     writer.add_video(VideoRecord("/v.mp4", 1, 0.0, 2.0), rows, rows, np.ones(2, bool), [0.0, 1.0])
 
-    def full(path):
+    def full(path, *args):
         Path(path).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(writer, "_write_shard", full)
+    monkeypatch.setattr(store_module, "write_shard", full)
     with pytest.raises(AvindexError, match="No space left"):
         writer.flush()
     writer.close()
