@@ -48,7 +48,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,7 +337,7 @@ class WorkQueue:
 
         with WorkQueue(store, records, retry_failed) as work:
             with StoreWriter(store, meta, on_flush=work.written) as writer:
-                while (record := work.next(wait=True)) is not None:
+                while (record := work.next(wait=True, before_wait=writer.flush)):
                     writer.add_video(record, *embed(record))
 
     Thread safe: `next` may run in a reader thread while `written` runs in the writer's.
@@ -385,17 +385,26 @@ class WorkQueue:
         """Videos this queue may still hand out (not yet tried, or held by writers elsewhere)."""
         return len(self._todo) + len(self._busy)
 
-    def next(self, wait: bool = False) -> VideoRecord | None:
+    def next(
+        self, wait: bool = False, before_wait: Callable[[], object] | None = None
+    ) -> VideoRecord | None:
         """Claim and return the next video neither done nor claimed by a live writer.
 
-        Returns None when nothing can be taken now; with `wait`, it waits instead while videos
-        are held by live writers elsewhere (they may die), returning None once none is.
+        Returns None when nothing can be taken now. With `wait`, it waits instead while videos
+        are held by live writers elsewhere (they may die), returning None once none is. Before
+        waiting it calls `before_wait`, which must write what this writer still buffers (e.g.
+        `StoreWriter.flush`): two writers waiting for each other's unwritten videos would
+        otherwise wait forever.
         """
+        flushed = False
         while True:
             with self._lock:
                 record = self._take()
             if record is not None or not wait:
                 return record
+            if before_wait is not None and not flushed:
+                before_wait()
+                flushed = True
             held = self.held_elsewhere()
             if self._todo:
                 continue  # some were freed: their writers died

@@ -337,6 +337,8 @@ def _summarize(h5: h5py.File, path: Path) -> ShardSummary:
     for name, kinds in _COLUMN_KINDS.items():
         if group[name].dtype.kind not in kinds or group[name].ndim != 1:
             raise ShardError(f"dataset videos/{name} has dtype {group[name].dtype}")
+    for name in ("path", "status", "error"):
+        _check_strings(group[name], path)
     columns = {c: group[c].asstr()[:] for c in ("path", "status", "error")}
     columns.update({c: group[c][:] for c in _COLUMN_KINDS})
     table = VideoTable.from_columns(columns)
@@ -349,6 +351,33 @@ def _summarize(h5: h5py.File, path: Path) -> ShardSummary:
     if any(n and s != "done" for n, s in zip(counts, table.status, strict=True)):
         raise ShardError("a failed video has rows")
     return ShardSummary(meta, rows, int(h5["has_audio"][:].sum()), table)
+
+
+# On-disk header of one variable-length string: its length, then the global heap object holding it.
+_VLEN_HEADER = np.dtype([("length", "<u4"), ("heap", "<u8"), ("index", "<u4")])
+
+
+def _check_strings(data: h5py.Dataset, path: Path) -> None:
+    """Refuse a string dataset whose headers claim more bytes than the file holds: HDF5 would
+    allocate every claimed length (up to 4 GiB a string) before it failed. Applies to the
+    contiguous layout avindex writes; other layouts are left to HDF5."""
+    if data.dtype.kind != "O" or data.ndim != 1:
+        raise ShardError(f"dataset {data.name} is not a list of strings")
+    offset = data.id.get_offset()
+    if offset is None or data.id.get_storage_size() != data.shape[0] * _VLEN_HEADER.itemsize:
+        return
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        raw = fh.read(data.shape[0] * _VLEN_HEADER.itemsize)
+    headers = np.frombuffer(raw, _VLEN_HEADER, count=len(raw) // _VLEN_HEADER.itemsize)
+    used = headers["length"] > 0
+    if (
+        len(headers) != data.shape[0]
+        or int(headers["length"].sum(dtype=np.uint64)) > size
+        or (headers["heap"][used] >= size).any()
+    ):
+        raise ShardError(f"dataset {data.name} is damaged (strings outside the file)")
 
 
 def verify(path: Path) -> ShardSummary:

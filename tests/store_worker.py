@@ -43,7 +43,7 @@ def main() -> None:
             time.sleep(600)
         on_flush = _die if mode == "crash-after-flush" else work.written
         with StoreWriter(store, make_meta(), shard_clips=10, on_flush=on_flush) as writer:
-            while (record := work.next(wait=True)) is not None:
+            while (record := work.next(wait=True, before_wait=writer.flush)) is not None:
                 i = video_index(record)
                 time.sleep(pause)
                 writer.add_video(*fake_video(i, clips_of(i)))

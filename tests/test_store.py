@@ -16,7 +16,10 @@ from storefactory import fake_video, make_meta
 
 from avindex import store as store_module
 from avindex.durable import WriterId
+from avindex.config import IndexConfig
 from avindex.errors import AvindexError
+from avindex.index import build_index, load_index, search_vectors
+from avindex.shard import ShardError, summarize
 from avindex.store import (
     ClipRef,
     Store,
@@ -250,3 +253,75 @@ def test_a_failed_shard_write_is_one_error_and_leaves_no_tmp(tmp_path, monkeypat
         writer.flush()
     writer.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def _rows(store: Store, ids) -> list[tuple[str, float]]:
+    return [(c.path, c.t0) for c in store.clips(ids)]
+
+
+def test_a_video_stored_twice_is_shown_once_and_ids_stay_put(tmp_path: Path) -> None:
+    """Two writers embedded videos 3 and 4 both (before claims existed): the later copies are
+    hidden from blocks, counts and indexes; every id keeps pointing at the same row."""
+    with StoreWriter(tmp_path, make_meta()) as writer:
+        for i in range(5):
+            writer.add_video(*fake_video(i, 4))
+    before = Store(tmp_path)
+    ids_before = np.arange(before.num_clips)
+    rows_before = _rows(before, ids_before)
+    with StoreWriter(tmp_path, make_meta()) as writer:
+        for i in range(3, 8):
+            writer.add_video(*fake_video(i, 4))
+    store = Store(tmp_path)
+    assert (store.num_clips, store.hidden_clips) == (40, 8)
+    assert _rows(store, ids_before) == rows_before  # visible ids did not move
+    hidden = np.arange(20, 28)  # videos 3 and 4 of the second shard
+    visible = np.setdiff1d(np.arange(40), hidden)
+    np.testing.assert_array_equal(store.visible(np.arange(40)), np.isin(np.arange(40), visible))
+    has_audio = np.array([c.has_audio for c in store.clips(visible)])
+    for modality, expected in (("visual", visible), ("audio", visible[has_audio])):
+        ids = np.concatenate([b[0] for b in store.iter_blocks(modality, block_rows=3)])
+        np.testing.assert_array_equal(ids, expected)
+        assert store.count(modality) == len(ids)
+    shown = _rows(store, visible)
+    assert len(set(shown)) == len(shown) == 32
+    assert store.videos()[fake_video(3, 4)[0].key].shard == store.shard_names[0]
+
+
+def test_the_copy_in_the_first_shard_in_id_order_is_the_one_shown(tmp_path: Path) -> None:
+    for _ in range(2):
+        with StoreWriter(tmp_path, make_meta()) as writer:
+            writer.add_video(*fake_video(0, 3))
+    first, second = Store(tmp_path).shard_names
+    by_name = Store(tmp_path)
+    assert by_name.visible([0, 1, 2, 3, 4, 5]).tolist() == [True] * 3 + [False] * 3
+    indexed_order = Store(tmp_path, shard_order=[second, first])  # e.g. the order of an index
+    assert indexed_order.visible([0, 1, 2, 3, 4, 5]).tolist() == [True] * 3 + [False] * 3
+    assert indexed_order.clip(0).shard == second
+
+
+def test_an_index_of_a_store_with_copies_never_returns_a_hidden_clip(tmp_path: Path) -> None:
+    for first in (0, 2):  # videos 2 and 3 are stored twice
+        with StoreWriter(tmp_path, make_meta()) as writer:
+            for i in range(first, first + 4):
+                writer.add_video(*fake_video(i, 5))
+    store = Store(tmp_path)
+    build_index(tmp_path, IndexConfig(factory="Flat", device="cpu"), modality="visual")
+    index = load_index(tmp_path, "visual", "cpu")
+    assert index.index.ntotal == store.count("visual") == 30
+    queries = store.vectors(np.arange(store.num_clips), "visual")
+    _, ids = search_vectors(index, queries, 40)
+    found = ids[ids >= 0]
+    assert store.visible(found).all() and len(np.unique(found)) == 30
+
+
+def test_string_headers_claiming_more_than_the_file_are_refused_at_once(tmp_path: Path) -> None:
+    with StoreWriter(tmp_path, make_meta()) as writer:
+        writer.add_video(*fake_video(0, 3))
+    (path,) = tmp_path.glob("shard-*.h5")
+    with h5py.File(path, "r") as h5:
+        offset = h5["videos/status"].id.get_offset()
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 4] = (1 << 31).to_bytes(4, "little")  # "this string is 2 GiB long"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="strings outside the file"):
+        summarize(path)
