@@ -15,8 +15,8 @@ import pytest
 from storefactory import fake_video, make_meta
 
 from avindex import store as store_module
-from avindex.durable import WriterId
 from avindex.config import IndexConfig
+from avindex.durable import WriterId
 from avindex.errors import AvindexError
 from avindex.index import build_index, load_index, search_vectors
 from avindex.shard import ShardError, summarize
