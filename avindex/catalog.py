@@ -126,9 +126,8 @@ class Catalog:
         return new
 
     def _read_one(self, name: str) -> None:
-        path = self.dir / name
         try:
-            stat = path.stat()
+            stat = os.stat(os.path.join(self.dir, name))  # not pathlib: this runs per shard
         except OSError as exc:
             self._fail(name, f"cannot stat ({exc.strerror or exc})")
             return
@@ -138,7 +137,7 @@ class Catalog:
             self.summaries[name] = summary
             return
         try:
-            summary = summarize(path)
+            summary = summarize(self.dir / name)
         except ShardError as exc:
             self._fail(name, str(exc))
             return
@@ -148,7 +147,7 @@ class Catalog:
             try:
                 write_entry(self.dir, name, summary, stat)
             except OSError as exc:  # a read-only store still opens, only slower
-                log.debug("%s: cannot write its catalog entry (%s)", path, exc)
+                log.debug("%s: cannot write its catalog entry (%s)", self.dir / name, exc)
                 self.rewrite = False
 
     def _fail(self, name: str, reason: str) -> None:
@@ -163,7 +162,7 @@ class Catalog:
     def entry(self, name: str, stat: os.stat_result) -> ShardSummary | None:
         """The summary in a shard's entry when the entry is valid for the file with `stat`."""
         try:
-            data = json.loads(entry_path(self.dir, name).read_text())
+            data = json.loads(entry_path(self.dir, name).read_bytes())
             if (
                 data["version"] != CATALOG_VERSION
                 or data["shard"] != name

@@ -288,12 +288,18 @@ class ClaimDir:
 
     # --- sweeping ----------------------------------------------------------------------------
 
-    def sweep(self, remove: bool) -> dict[str, list[str]]:
+    def sweep(self, remove: bool, min_age: float = 0.0) -> dict[str, list[str]]:
         """Find (and with `remove`, delete) what dead writers left: stale claims, expired done
         claims, takeover tokens of finished takeovers, heartbeat files. Returns file names by
-        kind, plus the live claims ('held', 'done') for reports."""
+        kind, plus the live claims ('held', 'done') for reports. Claims younger than `min_age`
+        seconds are not read (a writer opening sweeps only expired done claims and old leftovers:
+        a dead writer's young claim is taken over when someone wants its video)."""
         found: dict[str, list[str]] = collections.defaultdict(list)
+        now = self.now()
         for path in sorted(self.dir.glob("*" + CLAIM_SUFFIX)):
+            with contextlib.suppress(FileNotFoundError):
+                if min_age and now - path.stat().st_mtime < min_age:
+                    continue
             verdict = self.judge(path)
             if verdict.kind == "stale":
                 found["stale claims"].append(path.name)
@@ -375,7 +381,7 @@ class WorkQueue:
         self._tombstones: collections.deque[tuple[float, VideoKey]] = collections.deque()
         self.claims = ClaimDir(self.dir, self.cfg, uuid.uuid4().hex)
         self.claims.beat()
-        self.claims.sweep(remove=True)
+        self.claims.sweep(remove=True, min_age=self.cfg.done_grace)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, name="avindex-claims", daemon=True)
         self._thread.start()

@@ -204,13 +204,13 @@ class VideoTable:
         """Table from columns of any sequence type, converted to plain Python values and checked:
         equal lengths, known statuses; raises ValueError/TypeError/KeyError when they are not."""
         table = cls(
-            path=[str(v) for v in columns["path"]],
-            size=[int(v) for v in columns["size"]],
-            mtime=[float(v) for v in columns["mtime"]],
-            duration=[float(v) for v in columns["duration"]],
-            n_clips=[int(v) for v in columns["n_clips"]],
-            status=[str(v) for v in columns["status"]],
-            error=[str(v) for v in columns["error"]],
+            path=list(map(str, columns["path"])),
+            size=list(map(int, columns["size"])),
+            mtime=list(map(float, columns["mtime"])),
+            duration=list(map(float, columns["duration"])),
+            n_clips=list(map(int, columns["n_clips"])),
+            status=list(map(str, columns["status"])),
+            error=list(map(str, columns["error"])),
         )
         lengths = {len(c) for c in table.columns()}
         if len(lengths) > 1:

@@ -183,6 +183,38 @@ def test_a_damaged_claim_is_busy_while_young_then_taken(tmp_path: Path) -> None:
         assert work.held_elsewhere() == [] and work.next() == record
 
 
+def test_an_old_stale_verdict_never_removes_the_claim_that_replaced_it(tmp_path: Path) -> None:
+    (record,) = corpus(1)
+    path = forge_claim(tmp_path, record, ELSEWHERE, heartbeat_age=None)
+    slow = ClaimDir(tmp_path, CFG, uid=uuid.uuid4().hex)
+    slow.beat()
+    verdict = slow.judge(path)
+    assert verdict.kind == "stale"
+    with WorkQueue(tmp_path, [record], cfg=CFG) as fast:
+        assert fast.next() == record  # took the stale claim over: a new claim version
+        assert slow.remove(path, verdict.id) == "changed"
+        assert slow.judge(path).kind == "busy"
+
+
+def test_takeover_tokens_let_one_taker_in_and_pass_dead_ones(tmp_path: Path) -> None:
+    (record,) = corpus(1)
+    path = forge_claim(tmp_path, record, ELSEWHERE, heartbeat_age=None)
+    taker = ClaimDir(tmp_path, CFG, uid=uuid.uuid4().hex)
+    taker.beat()
+    verdict = taker.judge(path)
+    token = path.with_name(f"{path.name}.take-{verdict.id}-0")
+    other = ClaimDir(tmp_path, CFG, uid=uuid.uuid4().hex)
+    other.beat()
+    token.write_text(json.dumps(other._writer()))  # a live writer is taking it over right now
+    assert taker.remove(path, verdict.id) == "busy" and path.exists()
+    dead = {"uid": "b" * 32, "host": ELSEWHERE.host, "pid": 1, "start": 1}
+    token.write_text(json.dumps(dead))  # ...a taker that died half way: the next number is free
+    assert taker.remove(path, verdict.id) == "removed" and not path.exists()
+    assert token.exists() and not token.with_name(token.name[:-1] + "1").exists()
+    assert ClaimDir(tmp_path, CFG).sweep(remove=True)["stale tokens"] == [token.name]
+    assert not token.exists()
+
+
 def test_failed_videos_are_taken_again_only_with_retry_failed(tmp_path: Path) -> None:
     bad, good = corpus(2)
     with StoreWriter(tmp_path, make_meta()) as writer:
@@ -192,6 +224,17 @@ def test_failed_videos_are_taken_again_only_with_retry_failed(tmp_path: Path) ->
         assert (work.skipped, work.next()) == (2, None)
     with WorkQueue(tmp_path, [bad, good], retry_failed=True, cfg=CFG) as work:
         assert (work.skipped, work.next(), work.next()) == (1, bad, None)
+
+
+def test_opening_a_queue_sweeps_expired_done_claims_only(tmp_path: Path) -> None:
+    records = corpus(2)
+    with WorkQueue(tmp_path, records, cfg=CFG) as work:
+        work.written([work.next().key, work.next().key])
+    expired, young = (ClaimDir(tmp_path, CFG).path(r.key) for r in records)
+    old = time.time() - CFG.done_grace - 5
+    os.utime(expired, (old, old))
+    with WorkQueue(tmp_path, [], cfg=CFG):
+        assert not expired.exists() and young.exists()
 
 
 def test_close_releases_only_what_was_not_written(tmp_path: Path) -> None:

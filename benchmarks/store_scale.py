@@ -1,0 +1,190 @@
+"""Store at scale: time to find the pending videos and to open a Store, with vs without the catalog.
+
+Builds a store of many tiny shards (default 10,000 shards x 32 videos x 2 clips, 8-d rows, no
+catalog), then measures in this order:
+
+- pending set without the catalog: every shard opened and summarised (`Catalog(rewrite=False)`
+  with the catalog moved away), which is what finding the pending set cost before the catalog;
+- the first `Store` open of the uncatalogued store (reads every shard, writes every entry: the
+  one-off cost of upgrading a store written before the catalog);
+- pending set with the catalog (catalog read + done set), the same through `WorkQueue` (what
+  `embed` calls: also starts the heartbeat and sweeps claims), and `Store` open with the catalog;
+- a catalog refresh when nothing changed (what a writer pays to re-read the catalog).
+
+Usage: python benchmarks/store_scale.py [--shards 10000] [--videos 32] [--keep DIR]
+Prints and writes JSON (default benchmarks/results/store_scale.json). Page cache warm throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from avindex.catalog import CATALOG_DIR, Catalog
+from avindex.claims import WorkQueue
+from avindex.durable import WriterId
+from avindex.shard import BufferedVideo, StoreMeta, VideoRecord, write_shard
+from avindex.store import Store
+
+META = StoreMeta(model_sha256="bench-store-scale", visual_dim=8, audio_dim=8, hop=1.0)
+CLIPS = 2
+
+
+def record(shard: int, video: int) -> VideoRecord:
+    """The made-up source video `video` of shard `shard`."""
+    return VideoRecord(f"/corpus/{shard:06d}/video-{video:03d}.mp4", 1000 + video, 1.7e9, 2.0)
+
+
+def write_shards(args: tuple[Path, range, int]) -> None:
+    """Write shards `numbers` of `videos` videos each (no fsync: building is not measured)."""
+    folder, numbers, videos = args
+    writer = WriterId.current()
+    rows = np.zeros((CLIPS, META.visual_dim), np.float16)
+    for s in numbers:
+        batch = [
+            BufferedVideo(
+                record(s, v), "done", "", rows, rows, np.ones(CLIPS, bool), np.arange(2.0)
+            )
+            for v in range(videos)
+        ]
+        write_shard(folder / f"shard-{s:020d}-{writer.tag}-00000000.h5", META, batch, writer)
+
+
+def build(folder: Path, shards: int, videos: int) -> float:
+    """Write the store with one process per core; returns seconds."""
+    started = time.perf_counter()
+    workers = os.cpu_count() or 1
+    parts = [(folder, range(i, shards, workers), videos) for i in range(workers)]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pool.map(write_shards, parts)
+    return time.perf_counter() - started
+
+
+def timed(fn: Callable[[], object], repeats: int) -> dict[str, float]:
+    """Median and min of `repeats` runs of fn, in seconds."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return {"median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4)}
+
+
+def pending(folder: Path, records: list[VideoRecord], rewrite: bool) -> list[VideoRecord]:
+    """Records not done in the store, found through the catalog (or the shards when absent)."""
+    catalog = Catalog(folder, rewrite=rewrite)
+    catalog.refresh()
+    done = {
+        key
+        for summary in catalog.summaries.values()
+        for key, status in zip(summary.videos.keys(), summary.videos.status, strict=True)
+        if status == "done"
+    }
+    return [r for r in records if r.key not in done]
+
+
+def run(folder: Path, shards: int, videos: int, repeats: int) -> dict:
+    """Build the store in `folder` and measure; returns the results."""
+    build_s = build(folder, shards, videos)
+    records = [record(s, v) for s in range(shards) for v in range(videos)]
+    records += [record(shards + s, v) for s in range(shards // 10) for v in range(videos)]
+    expected = len(records) - shards * videos
+    assert len(pending(folder, records, rewrite=False)) == expected
+    results: dict = {"build_s": round(build_s, 1)}
+    results["pending_without_catalog"] = timed(
+        lambda: pending(folder, records, rewrite=False), max(1, repeats - 1)
+    )
+    results["store_open_first_writes_catalog"] = timed(lambda: Store(folder), 1)
+    assert (folder / CATALOG_DIR).is_dir()
+    assert len(pending(folder, records, rewrite=False)) == expected
+    results["pending_with_catalog"] = timed(lambda: pending(folder, records, False), repeats)
+
+    def work_queue() -> None:
+        with WorkQueue(folder, records) as work:
+            assert work.remaining == expected
+
+    results["work_queue_open_with_catalog"] = timed(work_queue, repeats)
+    results["store_open_with_catalog"] = timed(lambda: Store(folder), repeats)
+    catalog = Catalog(folder)
+    catalog.refresh()
+    results["catalog_refresh_nothing_new"] = timed(catalog.refresh, repeats)
+    catalog_dir = folder / CATALOG_DIR
+    moved = folder.parent / "catalog-away"
+    catalog_dir.rename(moved)
+    try:
+        results["store_open_without_catalog_read_only"] = timed(
+            lambda: Catalog(folder, rewrite=False).refresh(), 1
+        )
+    finally:
+        moved.rename(catalog_dir)
+    without = results["pending_without_catalog"]["median_s"]
+    results["ratio_pending_without_over_with"] = round(
+        without / results["pending_with_catalog"]["median_s"], 1
+    )
+    results["ratio_store_open_without_over_with"] = round(
+        results["store_open_without_catalog_read_only"]["median_s"]
+        / results["store_open_with_catalog"]["median_s"],
+        1,
+    )
+    catalog_bytes = sum(p.stat().st_size for p in catalog_dir.iterdir())
+    shard_bytes = sum(p.stat().st_size for p in folder.glob("shard-*.h5"))
+    results["catalog_bytes"] = catalog_bytes
+    results["shard_bytes"] = shard_bytes
+    return results
+
+
+def main() -> None:
+    """Parse flags, build, measure, print and write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shards", type=int, default=10_000)
+    parser.add_argument("--videos", type=int, default=32, help="videos per shard")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep", type=Path, help="build the store here and keep it")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "store_scale.json"
+    )
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    root = Path(tempfile.mkdtemp(prefix="avindex-store-scale-")) if args.keep is None else args.keep
+    folder = root / "store"
+    folder.mkdir(parents=True, exist_ok=False)
+    try:
+        results = run(folder, args.shards, args.videos, args.repeats)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    report = {
+        "shards": args.shards,
+        "videos_per_shard": args.videos,
+        "clips_per_video": CLIPS,
+        "results": results,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "h5py": h5py.version.version,
+            "hdf5": h5py.version.hdf5_version,
+            "load_avg_before": [round(x, 2) for x in load_before],
+            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        },
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
