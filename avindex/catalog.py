@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from avindex import isolated
 from avindex.durable import write_text_durably
 from avindex.shard import (
     SHARD_GLOB,
@@ -41,6 +42,9 @@ _ENTRY_ERRORS = (OSError, ValueError, KeyError, TypeError, RecursionError)
 _FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 log = logging.getLogger("avindex.store")
+# (path, size, mtime_ns) of shards found unreadable in this process: a store is opened several
+# times per command, and reading a shard that hangs HDF5 costs the reader's whole timeout.
+_UNREADABLE: dict[tuple[str, int, int], str] = {}
 
 
 def shard_names(store_dir: Path) -> list[str]:
@@ -136,9 +140,14 @@ class Catalog:
             self.from_catalog += 1
             self.summaries[name] = summary
             return
+        known = (os.path.join(self.dir, name), stat.st_size, stat.st_mtime_ns)
+        if known in _UNREADABLE:  # another reader in this process found it so (maybe slowly)
+            self._fail(name, _UNREADABLE[known])
+            return
         try:
-            summary = summarize(self.dir / name)
+            summary = isolated.call(summarize, self.dir / name)
         except ShardError as exc:
+            _UNREADABLE[known] = str(exc)
             self._fail(name, str(exc))
             return
         self.from_shards += 1

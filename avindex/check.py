@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avindex import isolated
 from avindex.catalog import (
     CATALOG_DIR,
     Catalog,
@@ -111,23 +112,36 @@ def _check_shards(
     catalog = Catalog(root, rewrite=False)
     good = {}
     for name in shard_names(root):
-        report.shards += 1
-        path = root / name
-        try:
-            stat = path.stat()
-            summary = verify(path)
-        except (ShardError, OSError) as exc:
-            finding = report.add(f"{name}: unreadable ({exc})")
-            if repair:
-                _quarantine(root, name, finding, cfg)
-            continue
-        except AvindexError as exc:  # a newer schema: not damaged, this avindex cannot tell
-            report.add(str(exc))
-            continue
-        good[name] = summary
-        entry = catalog.entry(name, stat)
-        if entry == summary:
-            continue
+        summary = _check_shard(root, name, catalog, repair, cfg, report)
+        if summary is not None:
+            good[name] = summary
+    return good
+
+
+def _check_shard(
+    root: Path,
+    name: str,
+    catalog: Catalog,
+    repair: bool,
+    cfg: ClaimConfig,
+    report: CheckReport,
+) -> ShardSummary | None:
+    """Verify one shard (in the isolated reader) and its entry; None when it is bad."""
+    report.shards += 1
+    path = root / name
+    try:
+        stat = path.stat()
+        summary = isolated.call(verify, path)
+    except (ShardError, OSError) as exc:
+        finding = report.add(f"{name}: unreadable ({exc})")
+        if repair:
+            _quarantine(root, name, finding, cfg)
+        return None
+    except AvindexError as exc:  # a newer schema: not damaged, this avindex cannot tell
+        report.add(str(exc))
+        return None
+    entry = catalog.entry(name, stat)
+    if entry != summary:
         why = "missing or stale" if entry is None else "different from the shard"
         finding = report.add(f"{CATALOG_DIR}/{name}.json: catalog entry {why}")
         if repair:
@@ -136,7 +150,7 @@ def _check_shards(
                 finding.repaired = "rewritten"
             except OSError as exc:
                 finding.what += f" (cannot rewrite: {exc.strerror or exc})"
-    return good
+    return summary
 
 
 def _check_models(

@@ -334,6 +334,13 @@ class ClaimDir:
         return self.writer_dead(writer)
 
 
+def _unwritable(store_dir: Path, exc: OSError) -> AvindexError:
+    return AvindexError(
+        f"{store_dir / CLAIMS_DIR}: cannot claim videos ({exc.strerror or exc}); the store "
+        "folder must be writable by every writer"
+    )
+
+
 class WorkQueue:
     """Hands out videos to embed, each to one writer of all those sharing the store.
 
@@ -379,9 +386,12 @@ class WorkQueue:
         self._busy: dict[VideoKey, None] = {}  # held by live writers elsewhere (ordered set)
         self._held: dict[VideoKey, str] = {}  # ours: key -> claim id
         self._tombstones: collections.deque[tuple[float, VideoKey]] = collections.deque()
-        self.claims = ClaimDir(self.dir, self.cfg, uuid.uuid4().hex)
-        self.claims.beat()
-        self.claims.sweep(remove=True, min_age=self.cfg.done_grace)
+        try:
+            self.claims = ClaimDir(self.dir, self.cfg, uuid.uuid4().hex)
+            self.claims.beat()
+            self.claims.sweep(remove=True, min_age=self.cfg.done_grace)
+        except OSError as exc:
+            raise _unwritable(self.dir, exc) from exc
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, name="avindex-claims", daemon=True)
         self._thread.start()
@@ -422,10 +432,7 @@ class WorkQueue:
         try:
             return self._take_next()
         except OSError as exc:
-            raise AvindexError(
-                f"{self.claims.dir}: cannot claim videos ({exc.strerror or exc}); the store "
-                "folder must be writable by every writer"
-            ) from exc
+            raise _unwritable(self.dir, exc) from exc
 
     def _take_next(self) -> VideoRecord | None:
         while self._todo:

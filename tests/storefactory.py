@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import collections
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +64,13 @@ def copies_on_disk(store_dir: Path) -> collections.Counter:
             if n:
                 copies[key] += 1
     return copies
+
+
+def hang(path: Path) -> None:
+    """Stands for a shard that makes HDF5 loop forever (isolated reader tests)."""
+    time.sleep(3600)
+
+
+def crash(path: Path) -> None:
+    """Stands for a shard that crashes HDF5 (isolated reader tests)."""
+    os.kill(os.getpid(), signal.SIGSEGV)

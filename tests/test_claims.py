@@ -21,6 +21,7 @@ from storefactory import clips_of, copies_on_disk, corpus, fake_video, make_meta
 from avindex.claims import ClaimDir, WorkQueue
 from avindex.config import ClaimConfig
 from avindex.durable import WriterId
+from avindex.errors import AvindexError
 from avindex.store import Store, StoreWriter, VideoRecord
 
 WORKER = Path(__file__).parent / "store_worker.py"
@@ -235,6 +236,12 @@ def test_opening_a_queue_sweeps_expired_done_claims_only(tmp_path: Path) -> None
     os.utime(expired, (old, old))
     with WorkQueue(tmp_path, [], cfg=CFG):
         assert not expired.exists() and young.exists()
+
+
+def test_a_claims_folder_that_cannot_be_written_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "claims").write_text("a file where the claims folder belongs")
+    with pytest.raises(AvindexError, match="cannot claim videos"):
+        WorkQueue(tmp_path, corpus(1), cfg=CFG)
 
 
 def test_close_releases_only_what_was_not_written(tmp_path: Path) -> None:
