@@ -3,6 +3,7 @@ exactly one contender, pid reuse, heartbeats and TTL, and writers killed and res
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from storefactory import clips_of, copies_on_disk, corpus, fake_video, make_meta, video_index
 
+from avindex import claims as claims_module
 from avindex.claims import ClaimDir, WorkQueue
 from avindex.config import ClaimConfig
 from avindex.durable import WriterId
@@ -86,6 +88,17 @@ def test_two_queues_never_hand_out_one_video_twice(tmp_path: Path) -> None:
         assert b.held_elsewhere() == []
         retaken = [b.next() for _ in got_a]
         assert set(retaken) == set(got_a) and b.next() is None
+
+
+def test_a_filesystem_without_hard_links_still_gives_one_claim(tmp_path, monkeypatch) -> None:
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(claims_module.os, "link", no_links)
+    (record,) = corpus(1)
+    with WorkQueue(tmp_path, [record], cfg=CFG) as a, WorkQueue(tmp_path, [record], cfg=CFG) as b:
+        assert a.next() == record and b.next() is None and b.held_elsewhere() == [record]
+    assert not list((tmp_path / "claims").glob("*.tmp"))
 
 
 def test_a_done_claim_covers_a_writer_with_an_older_catalog_view(tmp_path: Path) -> None:
