@@ -5,7 +5,8 @@ forever: the damaged-shard fuzz test found such files).
 Only shards the catalog does not vouch for are read this way (written before the catalog, entry
 lost, file changed), and `avindex check` reads every shard this way; catalogued shards never are.
 One child (`python -m avindex.isolated`, so the caller's main module is never re-run) serves the
-whole process; it is started on first use and again after a shard killed or hung it.
+whole process; it is started on first use and again after a shard killed or hung it. POSIX only
+(pipes passed by descriptor, resource limits), like the rest of avindex.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import resource
 import subprocess
 import sys
 import threading
@@ -89,9 +91,7 @@ def call(fn: Callable[[Path], Any], path: Path, timeout: float | None = None) ->
 
 def _serve(inbox: Connection, outbox: Connection) -> None:
     """Child: answer (function, path) requests until the caller hangs up."""
-    with contextlib.suppress(ImportError, ValueError, OSError):
-        import resource
-
+    with contextlib.suppress(ValueError, OSError):  # a lower hard limit is already set
         resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_BYTES, CHILD_MEMORY_BYTES))
     sys.path[:0] = [p for p in inbox.recv() if p not in sys.path]
     while True:
