@@ -31,6 +31,7 @@ from avindex.shard import (
     ShardError,
     ShardSummary,
     StoreMeta,
+    VideoKey,
     VideoTable,
     summarize,
 )
@@ -96,6 +97,16 @@ def entry_videos(store_dir: Path, shard: str) -> VideoTable | None:
         )
     except _ENTRY_ERRORS:
         return None
+
+
+def finished(summaries: Iterable[ShardSummary], retry_failed: bool = False) -> set[VideoKey]:
+    """Keys of the videos a writer skips: done ones, and failed ones unless `retry_failed`."""
+    return {
+        key
+        for summary in summaries
+        for key, status in zip(summary.videos.keys(), summary.videos.status, strict=True)
+        if status == "done" or not retry_failed
+    }
 
 
 def drop_entry(store_dir: Path, shard: str) -> None:

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from avindex.catalog import Catalog
+from avindex.catalog import Catalog, finished
 from avindex.config import ClaimConfig
 from avindex.durable import WriterId, tmp_path
 from avindex.errors import AvindexError
@@ -478,13 +478,9 @@ class WorkQueue:
         if not force and now - self._refreshed_at < self.cfg.done_grace / 2:
             return
         self._refreshed_at = now
-        for name in self._catalog.refresh():
-            summary = self._catalog.summaries.get(name)
-            if summary is None:
-                continue
-            for key, status in zip(summary.videos.keys(), summary.videos.status, strict=True):
-                if status == "done" or not self.retry_failed:
-                    self._done.add(key)
+        summaries = self._catalog.summaries
+        new = [summaries[n] for n in self._catalog.refresh() if n in summaries]  # not unreadable
+        self._done |= finished(new, self.retry_failed)
 
     def held_elsewhere(self) -> list[VideoRecord]:
         """Re-examine videos found claimed by other writers: returns those still held by live

@@ -37,6 +37,9 @@ _ROW_KINDS = {"visual": "f", "audio": "f", "has_audio": "b", "t0": "f", "video":
 _COLUMN_KINDS = {"size": "iu", "mtime": "f", "duration": "f", "n_clips": "iu"}
 
 
+VideoKey = tuple[str, int, float]  # VideoRecord.key: (path, size, mtime)
+
+
 class ShardError(Exception):
     """Why a shard cannot be used, in one line."""
 
@@ -136,7 +139,7 @@ class VideoRecord:
         return cls(str(resolved), int(st.st_size), float(st.st_mtime), float(duration))
 
     @property
-    def key(self) -> tuple[str, int, float]:
+    def key(self) -> VideoKey:
         """Resume key: a file whose size or mtime changed is embedded again."""
         return (self.path, self.size, self.mtime)
 
@@ -184,7 +187,7 @@ class VideoTable:
     def __len__(self) -> int:
         return len(self.path)
 
-    def keys(self) -> Iterator[tuple[str, int, float]]:
+    def keys(self) -> Iterator[VideoKey]:
         """The resume key of each video, in table order."""
         return zip(self.path, self.size, self.mtime, strict=True)
 

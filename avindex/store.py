@@ -26,6 +26,7 @@ from avindex.shard import (
     ShardSummary,
     StoreMeta,
     VideoEntry,
+    VideoKey,
     VideoRecord,
     check_modality,
     new_shard_name,
@@ -33,7 +34,6 @@ from avindex.shard import (
     write_shard,
 )
 
-VideoKey = tuple[str, int, float]  # VideoRecord.key: (path, size, mtime)
 CLAIMS_DIR = "claims"  # per-video claims of running writers (avindex.claims)
 
 log = logging.getLogger("avindex.store")
