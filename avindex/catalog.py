@@ -9,7 +9,8 @@ The catalog is a cache, the shards stay the truth. A writer writes a shard's ent
 it renames the shard into place, so a crash between the two leaves an entry without its shard,
 which readers never look at (they start from the shards on disk). A shard without a valid entry
 (written by an older avindex, entry lost or damaged, shard replaced) is read from the shard (in a
-child process: avindex.isolated) and its entry rewritten. Entries are written whole (tmp + fsync + rename), so readers never see half of one.
+child process: avindex.isolated) and its entry rewritten. Entries are written whole (tmp +
+fsync + rename), so readers never see half of one.
 """
 
 from __future__ import annotations
