@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -16,8 +17,35 @@ app = typer.Typer(
 )
 
 
+class _WarningLines(logging.Handler):
+    """Library warnings (loggers `avindex.*`, e.g. unreadable shards) as one line each on stderr,
+    each message once per command (a store opened twice in one command would repeat them)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = " ".join(record.getMessage().split())
+        if message not in self.seen:
+            self.seen.add(message)
+            print(f"avindex: warning: {message}", file=sys.stderr)
+
+
+def _show_warnings() -> None:
+    """Install the warning printer once (main() may run more than once in one process)."""
+    logger = logging.getLogger("avindex")
+    for handler in logger.handlers:
+        if isinstance(handler, _WarningLines):
+            handler.seen.clear()
+            return
+    logger.addHandler(_WarningLines())
+
+
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors become one line on stderr and exit code 2; library
+    warnings one line each (`avindex: warning: ...`)."""
+    _show_warnings()
     try:
         app()
     except AvindexError as exc:
@@ -179,6 +207,38 @@ def index(
     out = Console()
     out.print(table)
     out.print(f"{info['num_clips']} clips in {len(info['shards'])} shards indexed in {store}/index")
+
+
+@app.command()
+def check(
+    store: str = typer.Argument(..., help="Store directory written by `avindex embed`."),
+    repair: bool = typer.Option(
+        False,
+        "--repair",
+        help="Move bad shards into STORE/quarantine/ (never deleted; their videos are embedded "
+        "again by the next embed), rewrite wrong catalog entries, remove the tmp files and "
+        "claims of dead writers.",
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Verify every shard of a store completely, its catalog, tmp files and claims; the exit code
+    is 1 while problems remain.
+
+    Example: avindex check store/ --repair
+    """
+    import json
+
+    from avindex.check import check_store
+
+    report = check_store(store, repair=repair)
+    if json_out:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for finding in report.findings:
+            print(finding.line())
+        print(report.summary())
+    if not report.clean:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -244,10 +244,27 @@ class DemoConfig:
     device: str = "auto"
 
 
+@dataclass(frozen=True)
+class ClaimConfig:
+    """Per-video claims of writers sharing one store (avindex.claims): when a writer counts as dead.
+
+    A writer on this host is dead as soon as its process is gone; a writer on another machine
+    when its heartbeat is older than `ttl`, so `ttl` must exceed the longest stall of a live
+    writer (a slow shared filesystem, a paused VM) by a margin.
+    """
+
+    ttl: float = 120.0  # seconds without a heartbeat before another machine's writer is dead
+    heartbeat: float = 15.0  # how often a live writer refreshes its heartbeat
+    # How long a finished video's claim says "done" to writers whose view of the catalog is older
+    # (a shared filesystem may list new shards late); after it only the catalog decides.
+    done_grace: float = 900.0
+
+
 __all__ = [
     "AudioConfig",
     "AugmentConfig",
     "BenchConfig",
+    "ClaimConfig",
     "DemoConfig",
     "EmbedConfig",
     "EvalConfig",
