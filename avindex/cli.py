@@ -77,7 +77,7 @@ def probe(
     infos += [MediaInfo(p, error="no such file or folder") for p in found.missing]
     if json_out:
         print(json.dumps([i.to_dict() for i in infos], indent=2))
-        return
+        raise typer.Exit(1 if found.missing else 0)
     from rich.console import Console
     from rich.table import Table
 
@@ -97,6 +97,8 @@ def probe(
         for warning in i.warnings:
             console.print(f"[yellow]note[/yellow] {_short(i.path)}: {warning}", highlight=False)
     console.print(f"{len(infos)} files, {len(infos) - len(bad)} usable, {len(bad)} unusable")
+    if found.missing:
+        raise typer.Exit(1)  # the report is complete; a mistyped path must not pass unnoticed
 
 
 def _short(path: str) -> str:

@@ -63,10 +63,12 @@ class Done:
 
 @dataclass(frozen=True)
 class Failed:
-    """A job failed: a one-line reason (its exception, or how its worker died)."""
+    """A job failed: a one-line reason (its exception, or how its worker died), and the job's own
+    exception when it raised a picklable one (None for crashes and stalls)."""
 
     key: Hashable
     reason: str
+    error: BaseException | None = None
 
 
 Event = Item | Done | Failed
@@ -81,6 +83,8 @@ class PoolLimits:
 
     stall_seconds: float | None = 300.0
     memory_bytes: int | None = 8 << 30  # RLIMIT_AS: an allocation past it fails that job
+    quiet: bool = False  # silence the worker's stdout/stderr (HDF5 prints error stacks)
+    role: str = "decoder"  # what failure reasons call the worker ("decoder crashed (SIGSEGV)")
 
 
 def _signal_name(code: int | None) -> str:
@@ -118,15 +122,23 @@ def _worker_main(conn: Connection, limits: PoolLimits) -> None:
         except (EOFError, BrokenPipeError):
             return
         except AvindexError as exc:
-            conn.send(("failed", key, str(exc)))
+            _send_failure(conn, key, str(exc), exc)
         except MemoryError:
-            conn.send(("failed", key, "out of memory while decoding (limit reached)"))
+            _send_failure(conn, key, "out of memory while decoding (limit reached)", None)
         except Exception as exc:  # whatever a file does, it fails that job only
             where = traceback.extract_tb(exc.__traceback__)[-1]
             text = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            conn.send(
-                ("failed", key, f"{text} (at {os.path.basename(where.filename)}:{where.lineno})")
-            )
+            where_text = f"{os.path.basename(where.filename)}:{where.lineno}"
+            _send_failure(conn, key, f"{text} (at {where_text})", exc)
+
+
+def _send_failure(conn: Connection, key: Hashable, reason: str, exc: BaseException | None) -> None:
+    """Report a failed job, with its exception when that survives pickling."""
+    try:
+        pickle.dumps(exc)
+    except Exception:  # an exception holding unpicklable state travels as its text only
+        exc = None
+    conn.send(("failed", key, (reason, exc)))
 
 
 class _Process:
@@ -143,8 +155,14 @@ class _Process:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
         argv = [sys.executable, "-m", "avindex.workers", str(child.fileno())]
         argv.append(json.dumps(dataclasses.asdict(limits)))
+        out = subprocess.DEVNULL if limits.quiet else None
         self.popen = subprocess.Popen(
-            argv, pass_fds=[child.fileno()], env=env, stdin=subprocess.DEVNULL
+            argv,
+            pass_fds=[child.fileno()],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
         )
         child.close()
         self.conn = Connection(parent.detach())
@@ -274,7 +292,10 @@ class WorkerPool:
                     worker.started, self._failed_starts = True, 0
                     continue
                 waited = time.monotonic()
-                event = {"item": Item, "done": Done, "failed": Failed}[kind](key, value)
+                if kind == "failed":
+                    event: Event = Failed(key, *value)
+                else:
+                    event = (Item if kind == "item" else Done)(key, value)
                 if not self._put(event):
                     return
                 if kind != "item":
@@ -298,7 +319,7 @@ class WorkerPool:
                         f"cannot start media worker processes ({how}); check that "
                         f"`{sys.executable} -m avindex.workers` can import avindex"
                     ) from None
-            self._replace(worker, f"decoder crashed ({how})")
+            self._replace(worker, f"{self._limits.role} crashed ({how})")
 
     def _check_stalls(self) -> None:
         limit = self._limits.stall_seconds
@@ -307,7 +328,7 @@ class WorkerPool:
             if limit and worker.job is not None and now - worker.last_heard > limit:
                 worker.process.kill()
                 worker.process.join()
-                self._replace(worker, f"decoder stalled (no progress for {limit:g} s)")
+                self._replace(worker, f"{self._limits.role} stalled (no progress for {limit:g} s)")
 
     def _replace(self, worker: _Worker, reason: str | None) -> None:
         """Start a fresh process in `worker`'s place; its job (if any) fails with `reason`."""
@@ -372,18 +393,25 @@ class Sandbox:
             box.append(event)
             done.set()
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)` in a worker: its return value, or AvindexError with why it failed."""
+    def run(self, fn: Callable[..., Any], *args: Any) -> Done | Failed:
+        """`fn(*args)` in a worker: how it ended (its value, or why and with what it failed)."""
         if self._closed.is_set():
-            raise AvindexError("internal: the media sandbox is closed")
+            raise AvindexError("internal: the sandbox is closed")
         key, done, box = next(self._keys), threading.Event(), []
         with self._lock:
             self._waiting[key] = (done, box)
         self._submitted.put(Job(key, fn, args))
         done.wait()
-        (event,) = box
+        return box[0]
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in a worker: its return value; its own AvindexError is raised again, any
+        other failure (a crash, a stall, a bug) as an AvindexError with the reason."""
+        event = self.run(fn, *args)
         if isinstance(event, Failed):
-            raise AvindexError(event.reason)
+            raise (
+                event.error if isinstance(event.error, AvindexError) else AvindexError(event.reason)
+            )
         return event.value
 
     def close(self) -> None:

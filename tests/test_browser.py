@@ -22,10 +22,11 @@ from avindex.demo import write_queries
 from avindex.embed import embed_paths
 from avindex.index import build_index
 from avindex.model import load_checkpoint
+from avindex.presets import SMALL
 from avindex.scan import find_media
 from avindex.serve.catalog import video_id
 from avindex.synth import clip_labels, load_labels, make_corpus
-from avindex.train import preset, train
+from avindex.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -62,10 +63,8 @@ def site(tmp_path_factory) -> dict:
     corpus, held, run, store = (root / n for n in ("corpus", "held", "run", "store"))
     labels_file = make_corpus(corpus, CORPUS, workers=2)
     held_labels = make_corpus(held, replace(CORPUS, videos=1, seed=CORPUS.seed + 1000), workers=1)
-    model_cfg, audio_cfg, video_cfg, train_cfg = preset(
-        True, time_limit=TRAIN_SECONDS, seed=0, device="cpu"
-    )
-    train([corpus], run, model_cfg, audio_cfg, video_cfg, train_cfg, labels_file, progress=False)
+    preset = SMALL.configure(time_limit=TRAIN_SECONDS, seed=0, device="cpu")
+    train([corpus], run, preset, labels_file, progress=False)
     best = run / "best.pt"
     embed_cfg = EmbedConfig(device="cpu")
     embed_paths(find_media([corpus]), store, load_checkpoint(best), embed_cfg, model_path=best)

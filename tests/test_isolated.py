@@ -27,10 +27,10 @@ def test_answers_equal_reading_in_process(shard: Path) -> None:
 
 
 def test_a_shard_that_hangs_or_crashes_the_reader_is_one_shard_error(shard: Path) -> None:
-    with pytest.raises(ShardError, match="did not finish within 1 s"):
+    with pytest.raises(ShardError, match="shard reader stalled"):
         isolated.call(hang, shard, timeout=1.0)
     assert isolated.call(summarize, shard).rows == 3  # a new child took over
-    with pytest.raises(ShardError, match="crashed the reader process"):
+    with pytest.raises(ShardError, match=r"shard reader crashed \(SIGSEGV\)"):
         isolated.call(crash, shard)
     assert isolated.call(summarize, shard).rows == 3
 
