@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from avindex.claims import WorkQueue
 from avindex.config import EmbedConfig, to_dict
 from avindex.devices import resolve_device
 from avindex.encoder import STAGES as STAGES_OF_ENCODER
@@ -26,7 +27,7 @@ from avindex.encoder import Encoder, torch_threads
 from avindex.errors import AvindexError
 from avindex.model import Checkpoint
 from avindex.reader import ClipChunk, ClipReader, VideoRead, video_records
-from avindex.store import Store, StoreMeta, StoreWriter, VideoRecord, clear_tmp
+from avindex.store import StoreMeta, StoreWriter, VideoRecord, clear_tmp
 
 STAGES = ("decode", "wait", "preprocess", "model", "write")
 
@@ -193,10 +194,12 @@ def run_embed(
     encoder: Encoder,
     cfg: EmbedConfig,
     on_progress: Callable[[EmbedReport], None] | None = None,
+    report: EmbedReport | None = None,
 ) -> EmbedReport:
     """Embed `videos` (taken lazily, as decoders become free) into `writer`: decoders run ahead
-    in child processes while the encoder embeds batches that mix clips of several videos."""
-    report = EmbedReport()
+    in child processes while the encoder embeds batches that mix clips of several videos.
+    Counts go into `report` (a new one by default) and it is returned."""
+    report = report or EmbedReport()
     seconds = report.stage_seconds
     started = time.perf_counter()
     batches = _Batches(cfg.batch_size)
@@ -243,23 +246,17 @@ def run_embed(
         seconds[stage] += encoder.seconds[stage] - before[stage]
     if batches.videos:  # pragma: no cover - every video ends with a VideoRead
         raise AvindexError(f"internal: {len(batches.videos)} videos never completed")
-    report.wall_seconds = time.perf_counter() - started
+    report.wall_seconds += time.perf_counter() - started
     return report
 
 
-def pending_videos(
-    records: Sequence[VideoRecord], store_dir: Path, retry_failed: bool
-) -> list[VideoRecord]:
-    """Videos not yet in the store (same path, size and mtime), so a re-run finishes the rest."""
-    if not (store_dir.exists() and any(store_dir.glob("shard-*.h5"))):
-        return list(records)
-    known = Store(store_dir).videos()
-    todo = []
-    for record in records:
-        entry = known.get(record.key)
-        if entry is None or (entry.status == "failed" and retry_failed):
-            todo.append(record)
-    return todo
+def claimed(work: WorkQueue, first: VideoRecord | None = None) -> Iterator[VideoRecord]:
+    """Videos this writer may embed now, claimed one at a time as decoders become free (`first`
+    already claimed); ends when the rest is done or held by other live writers."""
+    if first is not None:
+        yield first
+    while (record := work.next()) is not None:
+        yield record
 
 
 def model_source(checkpoint: Checkpoint, model_path: str | os.PathLike | None) -> dict:
@@ -324,27 +321,30 @@ def embed_paths(
     check_config(cfg)
     store_dir.mkdir(parents=True, exist_ok=True)
     clear_tmp(store_dir)
-    records = video_records(paths)
-    todo = pending_videos(records, store_dir, retry_failed)
-    if on_start:
-        on_start(len(todo), len(records) - len(todo))
     meta = store_meta(checkpoint, cfg, model_path)
-    with (
-        StoreWriter(store_dir, meta, cfg.shard_clips, cfg.shard_seconds) as writer,
-        encoder_session(checkpoint, device, cfg.batch_size) as encoder,
-    ):
-        report = run_embed(todo, writer, encoder, cfg, on_progress)
-    report.videos_skipped = len(records) - len(todo)
+    with WorkQueue(store_dir, video_records(paths), retry_failed) as work:
+        if on_start:
+            on_start(work.remaining, work.skipped)
+        report = EmbedReport(videos_skipped=work.skipped)
+        shards = StoreWriter(
+            store_dir, meta, cfg.shard_clips, cfg.shard_seconds, on_flush=work.written
+        )
+        with shards as writer, encoder_session(checkpoint, device, cfg.batch_size) as encoder:
+            run_embed(claimed(work), writer, encoder, cfg, on_progress, report)
+            # The rest is held by other writers: with this writer's rows on disk (so nobody
+            # waits for us), wait for them to finish or die, and take over what they leave.
+            while (record := work.next(wait=True, before_wait=writer.flush)) is not None:
+                run_embed(claimed(work, record), writer, encoder, cfg, on_progress, report)
     return report
 
 
 __all__ = [
     "EmbedReport",
     "check_config",
+    "claimed",
     "embed_paths",
     "encoder_session",
     "model_source",
-    "pending_videos",
     "run_embed",
     "store_meta",
 ]
