@@ -267,13 +267,24 @@ def embed(
         help="K/N: embed only share K (0..N-1) of the inputs, split by a stable hash of each "
         "path, so N processes on N machines (a Slurm array, a shell loop) fill one store.",
     ),
+    ray: bool = typer.Option(
+        False,
+        "--ray",
+        help="Embed on a Ray cluster: one actor per GPU (or CPU actors), each with its own "
+        "decoders, model and shards (needs the `dist` extra: pip install 'avindex[dist]').",
+    ),
+    ray_address: str = typer.Option(
+        None, help="With --ray: the cluster's address (default: RAY_ADDRESS, else a local Ray)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Embed every second of every video into the store (resumable; bad files are reported).
 
     Example: avindex embed videos/ --model run/best.pt --store store/
     Many machines: avindex embed videos/ --model m.pt --store store/ --part $K/$N
+    A Ray cluster: avindex embed videos/ --model m.pt --store /shared/store --ray
     """
+    import functools
     import json
     from pathlib import Path
 
@@ -296,8 +307,19 @@ def embed(
         ckpt = load_checkpoint(model)
     if ckpt.untrained:
         print(f"note: {ckpt.extra['label']}: embeddings are for timing only", file=sys.stderr)
+    run = embed_paths
+    if ray:
+        try:
+            from avindex.ray_embed import embed_on_ray
+        except ImportError as exc:
+            raise AvindexError(
+                f"--ray: Ray is not installed ({exc.name}); pip install 'avindex[dist]'"
+            ) from None
+        run = functools.partial(embed_on_ray, address=ray_address)
+    elif ray_address is not None:
+        raise AvindexError("--ray-address: goes with --ray")
     with EmbedProgress(enabled=not json_out) as progress:
-        report = embed_paths(
+        report = run(
             paths,
             Path(store),
             ckpt,

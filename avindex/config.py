@@ -107,6 +107,8 @@ class EmbedConfig:
     prefetch_batches: int = 4
     shard_clips: int = 16_384  # flush a shard once it holds this many clips...
     shard_seconds: float = 60.0  # ...or this long after its first video, to bound lost work
+    ray_actors: int | None = None  # --ray: CPU actors (None: cores / (decoders + 1)); GPUs: 1 each
+    ray_batch_videos: int = 16  # --ray: videos per actor task (a retry redoes at most these)
 
 
 @dataclass(frozen=True)

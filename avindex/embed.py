@@ -13,7 +13,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,27 @@ class EmbedReport:
             self.frames_decoded += read.frames_decoded
         self.stage_seconds["decode"] += read.seconds
         self.videos.append(row)
+
+    def merge(self, other: EmbedReport) -> None:
+        """Add another run's counts (a Ray actor's batch) to this report; wall time stays."""
+        for name in ("videos_done", "videos_failed", "videos_skipped", "clips", "fallbacks"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("video_seconds", "frames_total", "frames_decoded"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for stage, seconds in other.stage_seconds.items():
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+        for decoder, n in other.decoders.items():
+            self.decoders[decoder] = self.decoders.get(decoder, 0) + n
+        self.failures += other.failures
+        self.videos += other.videos
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EmbedReport:
+        """Rebuild a report from to_dict() (derived rates are recomputed, not read)."""
+        names = {f.name for f in fields(cls)}
+        report = cls(**{k: v for k, v in data.items() if k in names})
+        report.failures = [tuple(f) for f in report.failures]
+        return report
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary, derived rates included."""
@@ -303,6 +324,34 @@ def check_config(cfg: EmbedConfig) -> None:
             raise AvindexError(f"{flag} {value}: must be at least {low}")
 
 
+def embed_records(
+    records: Sequence[VideoRecord],
+    store_dir: Path,
+    encoder: Encoder,
+    meta: StoreMeta,
+    cfg: EmbedConfig,
+    retry_failed: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[EmbedReport], None] | None = None,
+) -> EmbedReport:
+    """Embed the videos of `records` that the store does not hold yet, each under a claim, into
+    shards of this writer; returns when the rest is done (by this or any other writer)."""
+    with WorkQueue(store_dir, records, retry_failed) as work:
+        if on_start:
+            on_start(work.remaining, work.skipped)
+        report = EmbedReport(videos_skipped=work.skipped)
+        shards = StoreWriter(
+            store_dir, meta, cfg.shard_clips, cfg.shard_seconds, on_flush=work.written
+        )
+        with shards as writer:
+            run_embed(claimed(work), writer, encoder, cfg, on_progress, report)
+            # The rest is held by other writers: with this writer's rows on disk (so nobody
+            # waits for us), wait for them to finish or die, and take over what they leave.
+            while (record := work.next(wait=True, before_wait=writer.flush)) is not None:
+                run_embed(claimed(work, record), writer, encoder, cfg, on_progress, report)
+    return report
+
+
 def embed_paths(
     paths: Sequence[Path],
     store_dir: Path,
@@ -322,20 +371,10 @@ def embed_paths(
     store_dir.mkdir(parents=True, exist_ok=True)
     clear_tmp(store_dir)
     meta = store_meta(checkpoint, cfg, model_path)
-    with WorkQueue(store_dir, video_records(paths), retry_failed) as work:
-        if on_start:
-            on_start(work.remaining, work.skipped)
-        report = EmbedReport(videos_skipped=work.skipped)
-        shards = StoreWriter(
-            store_dir, meta, cfg.shard_clips, cfg.shard_seconds, on_flush=work.written
+    with encoder_session(checkpoint, device, cfg.batch_size) as encoder:
+        return embed_records(
+            video_records(paths), store_dir, encoder, meta, cfg, retry_failed, on_start, on_progress
         )
-        with shards as writer, encoder_session(checkpoint, device, cfg.batch_size) as encoder:
-            run_embed(claimed(work), writer, encoder, cfg, on_progress, report)
-            # The rest is held by other writers: with this writer's rows on disk (so nobody
-            # waits for us), wait for them to finish or die, and take over what they leave.
-            while (record := work.next(wait=True, before_wait=writer.flush)) is not None:
-                run_embed(claimed(work, record), writer, encoder, cfg, on_progress, report)
-    return report
 
 
 __all__ = [
@@ -343,6 +382,7 @@ __all__ = [
     "check_config",
     "claimed",
     "embed_paths",
+    "embed_records",
     "encoder_session",
     "model_source",
     "run_embed",

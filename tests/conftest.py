@@ -38,3 +38,12 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
     make_corpus(out, SMALL_CORPUS, workers=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole test session (2 CPUs, as this machine has)."""
+    ray = pytest.importorskip("ray", reason="needs the dist extra, which `make test` installs")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
