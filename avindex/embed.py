@@ -30,6 +30,16 @@ from avindex.reader import ClipChunk, ClipReader, VideoRead, video_records
 from avindex.store import StoreMeta, StoreWriter, VideoRecord, clear_tmp
 
 STAGES = ("decode", "wait", "preprocess", "model", "write")
+_COUNTS = (  # EmbedReport fields that add up across runs
+    "videos_done",
+    "videos_failed",
+    "videos_skipped",
+    "clips",
+    "fallbacks",
+    "video_seconds",
+    "frames_total",
+    "frames_decoded",
+)
 
 
 @dataclass
@@ -86,9 +96,7 @@ class EmbedReport:
 
     def merge(self, other: EmbedReport) -> None:
         """Add another run's counts (a Ray actor's batch) to this report; wall time stays."""
-        for name in ("videos_done", "videos_failed", "videos_skipped", "clips", "fallbacks"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in ("video_seconds", "frames_total", "frames_decoded"):
+        for name in _COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for stage, seconds in other.stage_seconds.items():
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
@@ -193,6 +201,23 @@ def encoder_session(checkpoint: Checkpoint, device: str, batch_size: int) -> Ite
         yield encoder
 
 
+def _store(writer: StoreWriter, rows: _Rows, dim: int, report: EmbedReport) -> None:
+    """Hand a finished video to the writer (its rows, or its failure) and count it."""
+    read = rows.read
+    if read.error:
+        writer.add_failure(read.record, read.error)
+        report.add(read, 0)
+        return
+    writer.add_video(
+        read.record,
+        _stack(rows.visual, (0, dim)),
+        _stack(rows.audio, (0, dim)),
+        _stack(rows.has_audio, (0,)).astype(bool),
+        _stack(rows.t0, (0,)).astype(np.float32),
+    )
+    report.add(read, rows.done)
+
+
 def _stack(parts: list[np.ndarray], empty: tuple[int, ...]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(empty, np.float32)
 
@@ -226,22 +251,8 @@ def run_embed(
     batches = _Batches(cfg.batch_size)
 
     def write(video: int) -> None:
-        rows = batches.pop(video)
         began = time.perf_counter()
-        read = rows.read
-        if read.error:
-            writer.add_failure(read.record, read.error)
-            report.add(read, 0)
-        else:
-            dim = encoder.dim
-            writer.add_video(
-                read.record,
-                _stack(rows.visual, (0, dim)),
-                _stack(rows.audio, (0, dim)),
-                _stack(rows.has_audio, (0,)).astype(bool),
-                _stack(rows.t0, (0,)).astype(np.float32),
-            )
-            report.add(read, rows.done)
+        _store(writer, batches.pop(video), encoder.dim, report)
         seconds["write"] += time.perf_counter() - began
         if on_progress:
             on_progress(report)

@@ -125,42 +125,17 @@ ERRORS: dict[int | str, dict] = {
 
 def build_router(state: ServeState) -> APIRouter:
     """Every API route, answering from `state` (limits from its ServeConfig)."""
-    cfg = state.cfg
     router = APIRouter(responses=ERRORS)
+    _search_routes(router, state)
+    _media_routes(router, state)
+    _facts_routes(router, state)
+    return router
+
+
+def _search_routes(router: APIRouter, state: ServeState) -> None:
+    """Search by an uploaded sound, picture or video moment, and by a stored clip."""
+    cfg = state.cfg
     KParam = Annotated[int, Param(ge=1, le=cfg.max_k, description="Results wanted.")]
-
-    def clip_out(clip: ClipRef) -> dict:
-        video = state.clip_video(clip)
-        base = f"/api/clips/{clip.id}"
-        return {
-            "clip": clip.id,
-            "video": {"id": video.id, "name": video.name},
-            "t0": clip.t0,
-            "has_audio": clip.has_audio,
-            "frame_url": f"{base}/frame.jpg",
-            "audio_url": f"{base}/audio.wav" if clip.has_audio else None,
-            "spectrogram_url": f"{base}/spectrogram.png" if clip.has_audio else None,
-            "video_url": f"/api/videos/{video.id}",
-            "similar_url": f"{base}/similar",
-        }
-
-    def search_out(result: Result, name: str, picture: bool, started: float) -> SearchOut:
-        q = result.query
-        clips = {c.id: c for c in state.store.clips([h.id for h in result.hits])}
-        hits = [{**clip_out(clips[h.id]), "rank": h.rank, "score": h.score} for h in result.hits]
-        return SearchOut(
-            query=QueryOut(
-                kind=q.kind,
-                name=name,
-                at=q.at,
-                by=q.modality,
-                searched=q.searched,
-                clip=clip_out(result.clip) if result.clip is not None else None,
-            ),
-            hits=hits,
-            picture=_picture(state, result) if picture else None,
-            seconds=round(time.perf_counter() - started, 4),
-        )
 
     @router.post(
         "/api/search",
@@ -200,7 +175,7 @@ def build_router(state: ServeState) -> APIRouter:
             result = state.search(query, k)
             if result.error is not None:
                 raise HTTPException(422, result.error.replace(str(path), name))
-            return search_out(result, name, picture, started)
+            return _search_out(state, result, name, picture, started)
 
     @router.get(
         "/api/clips/{clip_id}/similar",
@@ -222,12 +197,16 @@ def build_router(state: ServeState) -> APIRouter:
         result = state.search(Query("clip", str(clip_id), by=by, target=target), k)
         if result.error is not None:
             raise HTTPException(422, result.error)
-        return search_out(result, f"clip {clip_id}", picture, started)
+        return _search_out(state, result, f"clip {clip_id}", picture, started)
+
+
+def _media_routes(router: APIRouter, state: ServeState) -> None:
+    """A clip's facts, frame, sound and spectrogram; the store's videos, with range requests."""
 
     @router.get("/api/clips/{clip_id}", response_model=ClipOut, summary="A stored clip")
     def clip(clip_id: int) -> dict:
         """The clip's video, start time and media URLs."""
-        return clip_out(state.clip(clip_id))
+        return _clip_out(state, state.clip(clip_id))
 
     @router.get(
         "/api/clips/{clip_id}/frame.jpg",
@@ -287,6 +266,11 @@ def build_router(state: ServeState) -> APIRouter:
         kind = mimetypes.guess_type(found.path)[0] or "application/octet-stream"
         return FileResponse(found.path, media_type=kind, headers={"Cache-Control": "private"})
 
+
+def _facts_routes(router: APIRouter, state: ServeState) -> None:
+    """Store and index facts, health and Prometheus metrics."""
+    cfg = state.cfg
+
     @router.get("/api/info", response_model=InfoOut, summary="Store and index facts")
     def info() -> dict:
         """Clips, videos, model, each index's factory and measured recall, notes and limits."""
@@ -340,7 +324,46 @@ def build_router(state: ServeState) -> APIRouter:
         }
         return PlainTextResponse(state.metrics.render(gauges), media_type=PROMETHEUS_TEXT)
 
-    return router
+
+def _clip_out(state: ServeState, clip: ClipRef) -> dict:
+    """A clip as the API shows it: video id and name, start, media URLs."""
+    video = state.clip_video(clip)
+    base = f"/api/clips/{clip.id}"
+    return {
+        "clip": clip.id,
+        "video": {"id": video.id, "name": video.name},
+        "t0": clip.t0,
+        "has_audio": clip.has_audio,
+        "frame_url": f"{base}/frame.jpg",
+        "audio_url": f"{base}/audio.wav" if clip.has_audio else None,
+        "spectrogram_url": f"{base}/spectrogram.png" if clip.has_audio else None,
+        "video_url": f"/api/videos/{video.id}",
+        "similar_url": f"{base}/similar",
+    }
+
+
+def _search_out(
+    state: ServeState, result: Result, name: str, picture: bool, started: float
+) -> SearchOut:
+    """A search result as the API returns it."""
+    q = result.query
+    clips = {c.id: c for c in state.store.clips([h.id for h in result.hits])}
+    hits = [
+        {**_clip_out(state, clips[h.id]), "rank": h.rank, "score": h.score} for h in result.hits
+    ]
+    return SearchOut(
+        query=QueryOut(
+            kind=q.kind,
+            name=name,
+            at=q.at,
+            by=q.modality,
+            searched=q.searched,
+            clip=_clip_out(state, result.clip) if result.clip is not None else None,
+        ),
+        hits=hits,
+        picture=_picture(state, result) if picture else None,
+        seconds=round(time.perf_counter() - started, 4),
+    )
 
 
 def _picture(state: ServeState, result: Result) -> str | None:
