@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from avindex import index as avx_index
+from avindex import index_parts
 from avindex.config import IndexConfig
 from avindex.errors import AvindexError
 from avindex.index import (
@@ -164,7 +165,8 @@ def test_mmap_load_matches_plain_read(tmp_path: Path) -> None:
     ivf = faiss.extract_index_ivf(loaded.index)
     assert "OnDisk" in type(faiss.downcast_InvertedLists(ivf.invlists)).__name__  # memory-mapped
     assert ivf.nprobe == read_index_info(tmp_path)["modalities"]["visual"]["params"]["nprobe"]
-    plain = faiss.read_index(str(tmp_path / "index" / "visual.faiss"))
+    entry = read_index_info(tmp_path)["modalities"]["visual"]
+    plain = faiss.read_index(str(tmp_path / "index" / entry["file"]))
     plain.nprobe = ivf.nprobe
     queries = clustered(20, 16, seed=3)
     np.testing.assert_array_equal(
@@ -184,13 +186,17 @@ def test_build_streams_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             stores.append(self)
 
     monkeypatch.setattr(avx_index, "Store", SpyStore)
-    cfg = IndexConfig(exact_limit=1000, train_sample=4000, recall_queries=50, block_rows=block)
+    monkeypatch.setattr(index_parts, "Store", SpyStore)  # parts run in this process (workers=1)
+    cfg = IndexConfig(
+        factory="IVF64,Flat", train_sample=4000, recall_queries=50, block_rows=block, workers=1
+    )
     tracemalloc.start()
     build_index(tmp_path, cfg, modality="visual")
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert stores and all(s.max_block_rows <= block for s in stores)
-    assert stores[0].blocks_read >= 2 * n // block  # sample pass + add pass, block by block
+    assert stores[0].blocks_read == 0  # the training sample and queries read only their rows
+    assert sum(s.blocks_read for s in stores[1:]) >= n // block  # the add pass, block by block
     # All vectors at once as float32 would be n*d*4 = 12.8 MB; streaming stays far below.
     assert peak < n * d * 4 / 4
 
@@ -209,6 +215,7 @@ def test_choose_factory_tiers() -> None:
         parse_size("lots")
 
 
+@pytest.mark.slow  # OPQ training alone takes ~10-20 s on 2 busy cores
 def test_tight_budget_builds_opq_ivf_pq(tmp_path: Path) -> None:
     write_store(tmp_path, 10_000, 8, clips_per_video=5000)
     cfg = IndexConfig(
