@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mediafactory import build_zoo
@@ -26,3 +28,16 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
     make_corpus(out, SMALL_CORPUS, workers=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[Any]:
+    """Ray on this machine with 2 CPUs, started once per test session (the optional `dist` extra;
+    `make test` installs it)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'avindex[dist]'")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
