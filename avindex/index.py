@@ -437,6 +437,90 @@ def _part_tasks(
     ]
 
 
+@dataclass
+class _Start:
+    """What the parts start from: a trained empty index (or, for non-IVF updates, the old one)."""
+
+    factory: str
+    index: faiss.Index
+    old: faiss.Index | None  # the index being extended (update), memory-mapped
+    rerank: int
+    train_vectors: int
+
+
+def _starting_index(
+    store: Store,
+    modality: str,
+    cfg: IndexConfig,
+    device: str,
+    base: tuple[int, dict[str, Any]] | None,
+) -> _Start:
+    """Train a new index on a sample (build), or reopen the one to extend (update)."""
+    folder = index_dir(store.dir)
+    n, d = store.count(modality), store.meta.dim(modality)
+    if base is None:
+        factory = cfg.factory
+        if factory == "auto":
+            factory = choose_factory(n, d, cfg.max_memory, cfg)
+        index = _new_index(factory, d)
+        n_train = 0
+        if not index.is_trained:
+            nlist = faiss.extract_index_ivf(index).nlist if _is_ivf(index) else 0
+            n_train = train_size(n, nlist, d, cfg)
+            sample = _sample(store, modality, n_train, cfg.seed, SAMPLE_RUN)[1]
+            _train(index, factory, sample, (n, d, modality), device, cfg)
+        rerank = cfg.rerank if _is_lossy(index, factory) else 0
+        return _Start(factory, index, None, rerank, n_train)
+    covered, entry = base
+    old = _read(folder, entry, modality)
+    _check_base(old, entry, store, modality, store.shard_names[:covered])
+    # IVF: parts start from the trained empty index and are merged with the old lists;
+    # other indexes are extended as a whole.
+    index = _empty_copy(folder, entry, modality) if _is_ivf(old) else old
+    return _Start(entry["factory"], index, old, entry["rerank"], 0)
+
+
+def _add_parts(
+    store: Store,
+    modality: str,
+    start: _Start,
+    covered: int,
+    sample: tuple[np.ndarray, np.ndarray],
+    tmp: Path,
+    runner: Runner | None,
+    progress: Progress | None,
+    cfg: IndexConfig,
+) -> tuple[list[PartTask], np.ndarray]:
+    """Run the parts (each adds its shards to a copy of the start index, in its own file);
+    returns the tasks and the exact top-k of the sample queries (self excluded)."""
+    n, d = store.count(modality), store.meta.dim(modality)
+    n_add = n - store.count(modality, store.shard_names[:covered])
+    workers = cfg.workers or os.cpu_count() or 1
+    parts = 1
+    if _is_ivf(start.index):
+        need = estimate_memory(start.factory, n_add, d)
+        parts = cfg.parts or plan_parts(n_add, need, cfg.max_memory, cfg.part_rows, workers)
+    start_file = tmp / "start.faiss"
+    checked_write(start_file, lambda p: faiss.write_index(start.index, p), "trained index")
+    query_ids, queries = sample
+    tasks = _part_tasks(store, modality, covered, start_file, parts, queries, tmp, cfg)
+    runner = runner or LocalRunner(min(workers, len(tasks)))
+    tasks = [dataclasses.replace(t, threads=runner.threads) for t in tasks]
+    exact = ExactTopK(queries, cfg.recall_k + 1)
+    done = 0
+    if progress:
+        progress(modality, 0, n_add)
+    try:
+        for result in runner.map(add_part, tasks):
+            exact.add_result(result.scores, result.labels)
+            done += result.added
+            if progress:
+                progress(modality, done, n_add)
+    except RuntimeError as exc:
+        raise _fill_error(start.factory, (n, d, modality), "fill", exc, cfg) from exc
+    return tasks, drop_self(exact.finalize()[1], query_ids, cfg.recall_k)
+
+
 def _index_modality(
     store: Store,
     modality: str,
@@ -455,83 +539,40 @@ def _index_modality(
     """
     started = time.perf_counter()
     folder = index_dir(store.dir)
-    n, d = store.count(modality), store.meta.dim(modality)
     covered, entry = base if base is not None else (0, None)
-    old = None
-    n_train = 0
-    if entry is None:
-        factory = (
-            cfg.factory if cfg.factory != "auto" else choose_factory(n, d, cfg.max_memory, cfg)
-        )
-        index = _new_index(factory, d)
-        if not index.is_trained:
-            nlist = faiss.extract_index_ivf(index).nlist if _is_ivf(index) else 0
-            n_train = train_size(n, nlist, d, cfg)
-            sample = _sample(store, modality, n_train, cfg.seed, SAMPLE_RUN)[1]
-            _train(index, factory, sample, (n, d, modality), device, cfg)
-            del sample
-        rerank = cfg.rerank if _is_lossy(index, factory) else 0
-    else:
-        factory, rerank = entry["factory"], entry["rerank"]
-        old = _read(folder, entry, modality)
-        _check_base(old, entry, store, modality, store.shard_names[:covered])
-        # IVF: parts start from the trained empty index and are merged with the old lists;
-        # other indexes are extended as a whole.
-        index = _empty_copy(folder, entry, modality) if _is_ivf(old) else old
-    query_ids, queries = _sample(store, modality, cfg.recall_queries, cfg.seed + 1, 1)
-    n_add = n - store.count(modality, store.shard_names[:covered])
-    workers = cfg.workers or os.cpu_count() or 1
-    parts = 1
-    if _is_ivf(index):
-        by_size = plan_parts(
-            n_add, estimate_memory(factory, n_add, d), cfg.max_memory, cfg.part_rows, workers
-        )
-        parts = cfg.parts or by_size
+    start = _starting_index(store, modality, cfg, device, base)
+    sample = _sample(store, modality, cfg.recall_queries, cfg.seed + 1, 1)
     tmp = temp_path(folder, modality)
     tmp.mkdir()
     try:
-        start_file = tmp / "start.faiss"
-        checked_write(start_file, lambda p: faiss.write_index(index, p), "trained index")
-        tasks = _part_tasks(store, modality, covered, start_file, parts, queries, tmp, cfg)
-        runner = runner or LocalRunner(min(workers, len(tasks)))
-        tasks = [dataclasses.replace(t, threads=runner.threads) for t in tasks]
-        exact = ExactTopK(queries, cfg.recall_k + 1)
-        done = 0
-        if progress:
-            progress(modality, 0, n_add)
-        try:
-            for result in runner.map(add_part, tasks):
-                exact.add_result(result.scores, result.labels)
-                done += result.added
-                if progress:
-                    progress(modality, done, n_add)
-        except RuntimeError as exc:
-            raise _fill_error(factory, (n, d, modality), "fill", exc, cfg) from exc
-        truth = drop_self(exact.finalize()[1], query_ids, cfg.recall_k)
-        files = _write_generation(folder, modality, index, old, tasks, start_file, new_files)
+        tasks, truth = _add_parts(
+            store, modality, start, covered, sample, tmp, runner, progress, cfg
+        )
+        files = _write_generation(folder, modality, start, tasks, tmp / "start.faiss", new_files)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    new_entry = {"factory": factory, "dim": d, "rerank": rerank, **files}
+    d = store.meta.dim(modality)
+    new_entry = {"factory": start.factory, "dim": d, "rerank": start.rerank, **files}
     loaded = _load(folder, new_entry, modality, "cpu", store)
-    params, recall = _tune(loaded, queries, query_ids, truth, cfg)
-    seconds = round(time.perf_counter() - started, 3)
+    params, recall = _tune(loaded, sample[1], sample[0], truth, cfg)
     fields = {
         **new_entry,
         "count": int(loaded.index.ntotal),
         f"recall_at_{cfg.recall_k}": recall,
-        "recall_queries": len(queries),
+        "recall_queries": len(sample[0]),
         "recall_target_met": recall >= cfg.target_recall,
         "params": params,
         "parts": len([t for t in tasks if t.add]),
     }
+    seconds = round(time.perf_counter() - started, 3)
     if entry is not None:
         return {**entry, **fields, "update_seconds": seconds}
     return {
         **fields,
-        "train_vectors": n_train,
+        "train_vectors": start.train_vectors,
         "build_seconds": seconds,
         "device": device,
-        "estimated_bytes": estimate_memory(factory, n, d),
+        "estimated_bytes": estimate_memory(start.factory, store.count(modality), d),
     }
 
 
@@ -542,8 +583,7 @@ def _is_ivf(index: faiss.Index) -> bool:
 def _write_generation(
     folder: Path,
     modality: str,
-    index: faiss.Index,
-    old: faiss.Index | None,
+    start: _Start,
     tasks: list[PartTask],
     start_file: Path,
     new_files: list[Path],
@@ -555,14 +595,14 @@ def _write_generation(
     """
     path = folder / new_file_name(modality, "faiss")
     parts = sorted(t.out_file for t in tasks if t.add)
-    if not _is_ivf(index):
+    if not _is_ivf(start.index):
         new_files.append(path)
         durable_write(path, lambda p: os.replace(parts[0], p), "index")
         return {"file": path.name, "ivfdata": None}
     ivfdata = folder / new_file_name(modality, "ivfdata")
     new_files += [ivfdata, path]
     merged = faiss.read_index(str(start_file))
-    sources = ([old] if old is not None else []) + [
+    sources = ([start.old] if start.old is not None else []) + [
         faiss.read_index(p, faiss.IO_FLAG_MMAP) for p in parts
     ]
     try:
