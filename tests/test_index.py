@@ -277,12 +277,21 @@ def test_cli_index_json(tmp_path: Path) -> None:
 
     from avindex.cli import app
 
-    write_store(tmp_path, 400, 8)
+    write_store(tmp_path, 400, 8, clips_per_video=100, shard_clips=100)
     result = CliRunner().invoke(app, ["index", str(tmp_path), "--modality", "visual", "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert list(info["modalities"]) == ["visual"]
     assert info["modalities"]["visual"]["count"] == 400
+    # Parts merged on disk: faiss prints a line on the C stdout while merging, which must not
+    # reach the real stdout (it carries the JSON), so this runs the CLI as a process.
+    flags = ["--factory", "IVF8,Flat", "--parts", "2", "--workers", "1", "--json"]
+    cli = "from avindex.cli import main; main()"
+    args = [sys.executable, "-c", cli, "index", str(tmp_path), "--modality", "visual", *flags]
+    run = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    entry = json.loads(run.stdout)["modalities"]["visual"]
+    assert (entry["parts"], entry["count"], entry["ivfdata"] is not None) == (2, 400, True)
 
 
 @pytest.mark.gpu
