@@ -17,7 +17,6 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import resource
 import shutil
 import sys
 import tempfile
@@ -81,28 +80,32 @@ def _tree(root: int) -> list[int]:
     return out
 
 
-def _rss_pss(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) bytes of one process; PSS shares shared pages among their users."""
-    rss = pss = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Rss:"):
-                    rss = int(line.split()[1]) * 1024
-                elif line.startswith("Pss:"):
-                    pss = int(line.split()[1]) * 1024
-    except OSError:
-        pass  # the process ended between listing and reading
-    return rss, pss
+def _memory(pid: int) -> tuple[int, int, int]:
+    """(RSS, PSS, peak RSS) bytes of one process; PSS splits shared pages among their users,
+    the peak (VmHWM) is the kernel's own high-water mark, so short peaks are not missed."""
+    values = {"Rss:": 0, "Pss:": 0, "VmHWM:": 0}
+    for name in (f"/proc/{pid}/smaps_rollup", f"/proc/{pid}/status"):
+        try:
+            with open(name) as f:
+                for line in f:
+                    key = line.split(maxsplit=1)[0] if line.strip() else ""
+                    if key in values:
+                        values[key] = int(line.split()[1]) * 1024
+        except OSError:
+            pass  # the process ended between listing and reading
+    return values["Rss:"], values["Pss:"], values["VmHWM:"]
 
 
 class TreeMemory:
-    """Peak summed RSS and PSS of a process and all its descendants, sampled in a thread."""
+    """Memory of a process and all its descendants, sampled in a thread: the peak of the summed
+    RSS and PSS, and the sum of each process's own peak RSS (an upper bound on the true peak
+    of the sum, which sampling may miss)."""
 
     def __init__(self, root: int) -> None:
         """Start sampling the tree under `root`."""
         self.root = root
         self.peak_rss = self.peak_pss = self.peak_processes = 0
+        self.process_peaks: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -110,7 +113,11 @@ class TreeMemory:
     def _run(self) -> None:
         while not self._stop.is_set():
             pids = _tree(self.root)
-            rss, pss = (sum(v) for v in zip(*(_rss_pss(p) for p in pids), strict=True))
+            samples = {p: _memory(p) for p in pids}
+            rss = sum(v[0] for v in samples.values())
+            pss = sum(v[1] for v in samples.values())
+            for pid, (_, _, hwm) in samples.items():
+                self.process_peaks[pid] = max(self.process_peaks.get(pid, 0), hwm)
             self.peak_rss = max(self.peak_rss, rss)
             self.peak_pss = max(self.peak_pss, pss)
             self.peak_processes = max(self.peak_processes, len(pids))
@@ -184,10 +191,10 @@ def measured_build(store: Path, cfg: IndexConfig, use_ray: bool) -> dict[str, An
         "build_seconds": round(build_s, 1),
         "peak_rss_all_processes_bytes": memory.peak_rss,
         "peak_pss_all_processes_bytes": memory.peak_pss,
+        "sum_of_process_peak_rss_bytes": sum(memory.process_peaks.values()),
+        "max_single_process_peak_rss_bytes": max(memory.process_peaks.values(), default=0),
         "peak_processes": memory.peak_processes,
-        # Largest single process (kernel's own peak, not sampled): ru_maxrss of waited children.
-        "max_single_process_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        * 1024,
+        "processes_seen": len(memory.process_peaks),
         "estimated_index_bytes": entry["estimated_bytes"],
     }
 
