@@ -239,6 +239,15 @@ def test_tight_budget_builds_opq_ivf_pq(tmp_path: Path) -> None:
     assert ((found >= 0) & (found < 10_000)).all()
 
 
+def test_pq_indexes_skip_polysemous_training() -> None:
+    """Polysemous code ordering is never used by search and dominated PQ build time."""
+    import faiss
+
+    for factory in ("IVF16,PQ8", "OPQ8_16,IVF16_HNSW32,PQ8"):
+        index = avx_index._new_index(factory, 16)
+        assert not faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training
+
+
 def test_missing_index_and_bad_factory_are_user_errors(tmp_path: Path) -> None:
     write_store(tmp_path, 300, 8)
     with pytest.raises(AvindexError, match="no index"):
