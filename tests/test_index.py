@@ -99,6 +99,7 @@ def test_flat_equals_bruteforce_numpy(tmp_path: Path) -> None:
     assert info["modalities"]["audio"]["count"] == int((np.arange(3000) % 4 != 0).sum())
 
 
+@pytest.mark.slow  # ~40 s on 2 busy cores
 def test_auto_reaches_recall_on_clustered_200k(tmp_path: Path) -> None:
     n, d = 200_000, 128
     write_store(tmp_path, n, d, clips_per_video=5000)
