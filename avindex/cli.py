@@ -164,11 +164,22 @@ def index(
     max_memory: str = typer.Option(None, "--max-memory", help="Index memory budget, e.g. 4G."),
     device: str = typer.Option(None, help="auto, cpu or cuda (faiss GPU when it sees one)."),
     update: bool = typer.Option(False, "--update", help="Add only shards not yet indexed."),
+    parts: int = typer.Option(
+        None, min=1, help="Runs of shards added in parallel, then merged on disk (auto by size)."
+    ),
+    workers: int = typer.Option(None, min=1, help="Processes adding parts at once (all cores)."),
+    rerank: int = typer.Option(
+        None, min=0, help="PQ indexes: re-rank k x this many candidates exactly (0: off)."
+    ),
+    ray: bool = typer.Option(
+        False, "--ray", help="Add parts as Ray tasks (RAY_ADDRESS or a local Ray; extra 'dist')."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print index.json instead of a table."),
 ) -> None:
     """Build (or --update) the faiss index of each modality and print its measured recall@10.
 
     Example: avindex index store/ --max-memory 4G
+    An index lock makes a second `avindex index` on the same store fail at once.
     """
     import json
 
@@ -184,7 +195,17 @@ def index(
         factory=factory,
         max_memory=parse_size(max_memory) if max_memory is not None else None,
         device=device,
+        parts=parts,
+        workers=workers,
+        rerank=rerank,
     )
+    runner = None
+    if ray:
+        try:
+            from avindex.index_ray import RayRunner
+        except ImportError:
+            raise AvindexError("--ray: Ray is not installed; pip install 'avindex[dist]'") from None
+        runner = RayRunner()
     err = Console(stderr=True)
     with Progress(console=err, transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -195,7 +216,7 @@ def index(
             bar.update(tasks[name], completed=done)
 
         run = update_index if update else build_index
-        info = run(store, cfg, modality=modality, progress=progress)
+        info = run(store, cfg, modality=modality, progress=progress, runner=runner)
     if json_out:
         print(json.dumps(info, indent=2))
         return

@@ -119,7 +119,11 @@ class IndexConfig:
     max_memory: int = 4 << 30  # bytes the index may use
     device: str = "auto"
     block_rows: int = 65_536
-    train_sample: int = 100_000
+    train_sample: int = 100_000  # training vectors at least; more for many lists (39 per list)
+    parts: int = 0  # runs of shards added separately and merged on disk; 0: by size and memory
+    part_rows: int = 1_000_000  # rows per part when `parts` is 0
+    workers: int = 0  # processes adding parts at once; 0: one per core
+    rerank: int = 10  # lossy codes (PQ): re-rank k x this many candidates exactly; 0: off
     recall_queries: int = 500
     recall_k: int = 10
     target_recall: float = 0.95  # nprobe/efSearch are tuned up to this recall@recall_k

@@ -403,6 +403,27 @@ class Store:
                 if len(ids):
                     yield ids, vectors
 
+    def ids_at(self, modality: str, positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Clip ids of the rows at `positions` (0-based, in iter_blocks order) of a modality.
+
+        Lets a caller draw random rows of a modality without reading any vector: only the small
+        has_audio column of the shards involved is read (audio skips clips without audio).
+        """
+        pos = np.asarray(positions, dtype=np.int64)
+        counts = np.array([self.count(modality, [s.name]) for s in self.shards], np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        if len(pos) and (pos.min() < 0 or pos.max() >= starts[-1]):
+            raise IndexError(f"{modality} row positions must lie in 0..{starts[-1] - 1}")
+        where = np.searchsorted(starts, pos, side="right") - 1
+        ids = np.empty(len(pos), np.int64)
+        for s in np.unique(where):
+            shard, sel = self.shards[s], where == s
+            local = pos[sel] - starts[s]
+            if modality == "audio":
+                local = np.flatnonzero(self._columns(shard)["has_audio"])[local]
+            ids[sel] = shard.first_id + local
+        return ids
+
     def _locate(self, ids: np.ndarray) -> np.ndarray:
         """Shard index of each clip id; out-of-range ids are a user error."""
         ids = np.asarray(ids, dtype=np.int64)
@@ -472,6 +493,90 @@ class Store:
             for entry in shard.summary.videos.entries(shard.name):
                 if entry.key not in out or out[entry.key].status != "done":
                     out[entry.key] = entry
+        return out
+
+
+@dataclass(frozen=True)
+class _RawRows:
+    """A shard's vectors as raw bytes: every file offset viewed as the start of one row."""
+
+    rows: np.ndarray  # (file size - row bytes + 1, row bytes) uint8 view of the mapped file
+    offsets: np.ndarray  # byte offset of each chunk
+    chunk_rows: int
+    dtype: np.dtype
+
+
+class RowReader:
+    """Rows of one modality by clip id, gathered from read-only maps of the shards' raw data.
+
+    `Store.vectors` opens each shard file per call (~0.3 ms a shard): re-ranking one query's
+    candidates spread over many shards would cost milliseconds. HDF5 keeps uncompressed chunks
+    as plain row-major bytes, so a row is one slice of a memory-mapped file; a dataset stored any
+    other way (filters, missing chunks, offsets outside the file) is read through h5py instead.
+    """
+
+    def __init__(self, store: Store, modality: str) -> None:
+        """Reader over `store`'s shards (in its id order); files are mapped on first use."""
+        self.store = store
+        self.modality = check_modality(modality)
+        self._maps: dict[int, _RawRows | None] = {}
+
+    def _map(self, s: int) -> _RawRows | None:
+        """Shard `s` mapped as raw rows, or None when it must be read through h5py."""
+        if s not in self._maps:
+            self._maps[s] = self._layout(self.store.shards[s].path)
+        return self._maps[s]
+
+    def _layout(self, path: Path) -> _RawRows | None:
+        import h5py
+
+        with h5py.File(path, "r", locking=False) as h5:
+            data = h5[self.modality]
+            rows, dim = data.shape
+            row_bytes = dim * data.dtype.itemsize
+            if data.dtype.kind != "f" or data.dtype.byteorder == ">" or rows == 0:
+                return None
+            if data.chunks is None:
+                offsets, chunk_rows = [data.id.get_offset()], rows
+            elif data.id.get_create_plist().get_nfilters() or data.chunks[1:] != (dim,):
+                return None
+            else:
+                chunk_rows = data.chunks[0]
+                infos = [
+                    data.id.get_chunk_info_by_coord((c, 0)) for c in range(0, rows, chunk_rows)
+                ]
+                offsets = [i.byte_offset if i.filter_mask == 0 else None for i in infos]
+            dtype = data.dtype
+        size = path.stat().st_size
+        ends = [
+            o + min(chunk_rows, rows - c * chunk_rows) * row_bytes
+            for c, o in enumerate(offsets)
+            if o is not None
+        ]
+        if len(ends) < len(offsets) or max(ends) > size:
+            return None  # an unallocated or filtered chunk, or a damaged file: use h5py
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        # Every byte offset as the start of one row: rows at any offset are a single gather.
+        rows_view = np.lib.stride_tricks.as_strided(
+            raw, shape=(size - row_bytes + 1, row_bytes), strides=(1, 1), writeable=False
+        )
+        return _RawRows(rows_view, np.asarray(offsets, np.int64), chunk_rows, dtype)
+
+    def __call__(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Vectors (len(ids), D) float32 of the given clip ids, in the order given."""
+        ids = np.asarray(ids, dtype=np.int64)
+        where = self.store._locate(ids)
+        out = np.empty((len(ids), self.store.meta.dim(self.modality)), np.float32)
+        for s in np.unique(where):
+            sel = np.nonzero(where == s)[0]
+            layout = self._map(int(s))
+            if layout is None:
+                out[sel] = self.store.vectors(ids[sel], self.modality)
+                continue
+            rows = ids[sel] - self.store.shards[s].first_id
+            start = layout.offsets[rows // layout.chunk_rows]
+            start += (rows % layout.chunk_rows) * layout.rows.shape[1]
+            out[sel] = layout.rows[start].view(layout.dtype)
         return out
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -41,9 +43,13 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray for the whole test session (2 CPUs, as this machine has)."""
-    ray = pytest.importorskip("ray", reason="needs the dist extra, which `make test` installs")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def ray_local() -> Iterator[Any]:
+    """Ray on this machine with 2 CPUs, started once per test session (the optional `dist` extra;
+    `make test` installs it)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'avindex[dist]'")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
+    if started:
+        ray.shutdown()

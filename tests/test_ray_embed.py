@@ -58,7 +58,7 @@ def _actor_pids() -> list[int]:
     return pids
 
 
-def test_ray_embed_gives_the_clips_of_one_process(ray_cluster, corpus, reference, tmp_path):
+def test_ray_embed_gives_the_clips_of_one_process(ray_local, corpus, reference, tmp_path):
     from avindex.ray_embed import embed_on_ray
 
     store = tmp_path / "store"
@@ -71,7 +71,7 @@ def test_ray_embed_gives_the_clips_of_one_process(ray_cluster, corpus, reference
 
 
 def test_a_killed_actor_is_retried_and_every_clip_is_stored_once(
-    ray_cluster, corpus, reference, tmp_path
+    ray_local, corpus, reference, tmp_path
 ):
     from avindex.ray_embed import embed_on_ray
 
