@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from avindex.durable import fsync_path
 from avindex.errors import AvindexError
-from avindex.store import MODALITIES, _fsync_path
+from avindex.store import MODALITIES
 
 INDEX_DIR = "index"
 INDEX_JSON = "index.json"
@@ -114,9 +115,9 @@ def durable_write(path: Path, write: Callable[[str], None], what: str) -> None:
     tmp = temp_path(path.parent, path.name)
     try:
         checked_write(tmp, write, what)
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync_path(path.parent)
+        fsync_path(path.parent)
     except OSError as exc:
         raise _write_error(path, what, exc) from exc
     finally:
@@ -126,7 +127,7 @@ def durable_write(path: Path, write: Callable[[str], None], what: str) -> None:
 def sync_file(path: Path, what: str) -> None:
     """fsync a file written in place (the merged inverted lists) so it survives a power loss."""
     try:
-        _fsync_path(path)
+        fsync_path(path)
     except OSError as exc:
         raise AvindexError(f"{path}: cannot write the {what} ({exc.strerror or exc})") from exc
 

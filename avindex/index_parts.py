@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing as mp
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,6 +19,7 @@ from avindex.errors import AvindexError
 from avindex.exact import ExactTopK, normalize_rows
 from avindex.index_files import checked_write
 from avindex.store import Store
+from avindex.workers import Done, Failed, Job, PoolLimits, WorkerPool
 
 
 @dataclass(frozen=True)
@@ -111,22 +109,25 @@ class LocalRunner:
     def map(
         self, fn: Callable[[PartTask], PartResult], tasks: Sequence[PartTask]
     ) -> Iterator[PartResult]:
-        """Run the tasks; a worker that dies (e.g. killed for memory) is one AvindexError."""
+        """Run the tasks; a task that fails or whose worker dies (e.g. killed for memory) is one
+        AvindexError."""
         if self.workers == 1:
             yield from map(fn, tasks)
             return
-        # spawn, not fork: faiss's OpenMP threads do not survive a fork of a process that used them.
-        pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
-        try:
-            for future in as_completed([pool.submit(fn, t) for t in tasks]):
-                yield future.result()
-        except BrokenProcessPool as exc:
-            raise AvindexError(
-                "an index part process died (out of memory?); give a smaller --max-memory "
-                "or more --parts, or fewer --workers"
-            ) from exc
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        # Fresh interpreters, not forks: faiss's OpenMP threads do not survive a fork of a
+        # process that used them. A part sends nothing until it is done: no stall limit, and the
+        # memory it may take is --max-memory's business.
+        limits = PoolLimits(stall_seconds=None, memory_bytes=None, role="index part")
+        jobs = [Job(i, fn, (task,)) for i, task in enumerate(tasks)]
+        with WorkerPool(jobs, self.workers, limits) as pool:
+            for event in pool.events():
+                if isinstance(event, Failed):
+                    raise AvindexError(
+                        f"{event.reason}; give a smaller --max-memory or more --parts, or fewer "
+                        "--workers"
+                    )
+                if isinstance(event, Done):
+                    yield event.value
 
 
 def plan_parts(rows: int, part_bytes: int, max_memory: int, part_rows: int, workers: int) -> int:

@@ -647,8 +647,8 @@ def test_index_writes_are_fsynced_file_and_folder(
     from avindex import index_files as files_module
 
     synced: list[Path] = []
-    real = files_module._fsync_path
-    monkeypatch.setattr(files_module, "_fsync_path", lambda p: (synced.append(p), real(p)))
+    real = files_module.fsync_path
+    monkeypatch.setattr(files_module, "fsync_path", lambda p: (synced.append(p), real(p)))
     cfg = IndexConfig(factory="IVF16,Flat", train_sample=2000, recall_queries=20, workers=1)
     write_store(tmp_path, 2000, 16, clips_per_video=500, shard_clips=1000)
     entry = build_index(tmp_path, cfg, modality="visual")["modalities"]["visual"]
