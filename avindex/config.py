@@ -103,7 +103,10 @@ class EmbedConfig:
     decode_threads: int = 1  # FFmpeg threads per decoder
     decode_stall_seconds: float = 300.0  # a decoder silent this long is killed (its video fails)
     decode_memory_bytes: int = 8 << 30  # address-space limit of a decoder process
-    nvdec: bool = True  # on CUDA, decode frames of NVDEC codecs on the GPU (DALI); PyAV otherwise
+    nvdec: bool = True  # on CUDA, decode frames of NVDEC codecs on the GPU; PyAV otherwise
+    # NVDEC sessions in flight (and demux workers feeding them): 2 per engine keeps every engine
+    # busy while one session waits for packets; an H200 has 7 engines.
+    nvdec_sessions: int = 14
     prefetch_batches: int = 4
     shard_clips: int = 16_384  # flush a shard once it holds this many clips...
     shard_seconds: float = 60.0  # ...or this long after its first video, to bound lost work

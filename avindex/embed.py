@@ -24,6 +24,7 @@ from avindex.devices import resolve_device
 from avindex.encoder import Encoder, torch_threads
 from avindex.errors import AvindexError
 from avindex.model import Checkpoint
+from avindex.nvdec import NvdecClipReader, clip_reader
 from avindex.reader import ClipChunk, ClipReader, VideoRead, video_records
 from avindex.store import Store, StoreMeta, StoreWriter, VideoRecord, clear_tmp
 
@@ -68,6 +69,9 @@ class EmbedReport:
         """Count one finished (or failed) video."""
         row = {"path": read.record.path, "clips": clips, "decoder": read.decoder}
         row["decoded_fraction"] = round(read.decoded_fraction, 4)
+        if read.fallback:
+            self.fallbacks += 1
+            row["fallback"] = read.fallback
         if read.error:
             self.videos_failed += 1
             self.failures.append((read.record.path, read.error))
@@ -165,7 +169,9 @@ def _stack(parts: list[np.ndarray], empty: tuple[int, ...]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(empty, np.float32)
 
 
-def _events(reader: ClipReader, seconds: dict[str, float]) -> Iterator[ClipChunk | VideoRead]:
+def _events(
+    reader: ClipReader | NvdecClipReader, seconds: dict[str, float]
+) -> Iterator[ClipChunk | VideoRead]:
     """The reader's events, timing how long the consumer waits for them."""
     iterator = iter(reader)
     while True:
@@ -220,7 +226,7 @@ def run_embed(
             write(video)
 
     threads = torch_threads(1) if device == "cpu" else contextlib.nullcontext()
-    reader = ClipReader(enumerate(videos), checkpoint.audio_cfg, checkpoint.video_cfg, cfg)
+    reader = clip_reader(enumerate(videos), checkpoint.audio_cfg, checkpoint.video_cfg, cfg, device)
     # Decoders start first: they fill their queue while the model and DALI pipelines are set up.
     with reader, threads, Encoder(checkpoint, device, cfg.batch_size) as encoder:
         for event in _events(reader, seconds):

@@ -3,7 +3,9 @@
 Each video is one job in a WorkerPool: one demux pass (decode.read_clip_grid) that sends its clips
 back in small chunks and ends with what the decode found (duration, frames decoded). A video whose
 decoder fails, crashes or stalls ends with its reason; its chunks already sent are to be dropped
-by the consumer. See docs/architecture.md ("Embedding").
+by the consumer. On CUDA, avindex.nvdec reads through the same workers with `export_video` jobs
+(audio and Annex-B video packets) and decodes the frames on NVDEC. See docs/architecture.md
+("Embedding").
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from avindex.bitstream import PacketBatch, StreamHeader
 from avindex.config import AudioConfig, EmbedConfig, VideoConfig
-from avindex.decode import DecodeStats, read_clip_grid
+from avindex.decode import DecodeStats, MomentData, read_clip_grid, read_for_nvdec
 from avindex.store import VideoRecord
 from avindex.workers import Done, Failed, Item, Job, PoolLimits, WorkerPool
 
@@ -52,6 +55,7 @@ class VideoRead:
     frames_decoded: int = 0
     seconds: float = 0.0  # wall time the worker spent on it
     notes: list[str] = field(default_factory=list)
+    fallback: str | None = None  # why another decoder than the device's took this video
 
     @property
     def decoded_fraction(self) -> float:
@@ -68,6 +72,28 @@ def decode_video(
     chunk: list = []
     for data in read_clip_grid(path, hop, audio_cfg, video_cfg, threads, stats=stats):
         chunk.append(data)
+        if len(chunk) == CHUNK_CLIPS:
+            yield _pack(chunk)
+            chunk = []
+    if chunk:
+        yield _pack(chunk)
+    return stats, time.perf_counter() - started
+
+
+def export_video(
+    path: str, hop: float, audio_cfg: AudioConfig, video_cfg: VideoConfig
+) -> Iterator[StreamHeader | str | PacketBatch | ClipChunk]:
+    """Worker job for NVDEC: a StreamHeader, then Annex-B PacketBatches between ClipChunks of
+    the clips' audio (frames None); a video NVDEC does not take yields why (a str) and then
+    ClipChunks with frames, as decode_video. Returns its DecodeStats and wall time."""
+    started = time.perf_counter()
+    stats = DecodeStats()
+    chunk: list[MomentData] = []
+    for item in read_for_nvdec(path, hop, audio_cfg, video_cfg, stats=stats):
+        if not isinstance(item, MomentData):
+            yield item
+            continue
+        chunk.append(item)
         if len(chunk) == CHUNK_CLIPS:
             yield _pack(chunk)
             chunk = []
@@ -167,4 +193,12 @@ def video_records(paths: Iterable[Path]) -> list[VideoRecord]:
     return out
 
 
-__all__ = ["CHUNK_CLIPS", "ClipChunk", "ClipReader", "VideoRead", "decode_video", "video_records"]
+__all__ = [
+    "CHUNK_CLIPS",
+    "ClipChunk",
+    "ClipReader",
+    "VideoRead",
+    "decode_video",
+    "export_video",
+    "video_records",
+]

@@ -80,7 +80,7 @@ def test_the_planner_breaking_would_be_seen(coded, monkeypatch) -> None:
     """Guard for the test above: if every frame were skippable, chosen frames would differ."""
     from avindex import decode
 
-    monkeypatch.setattr(decode._Schedule, "has_target", lambda self, lo, hi: False)
+    monkeypatch.setattr(decode.Schedule, "has_target", lambda self, lo, hi: False)
     path = coded["x264_defaults.mp4"]
     broken = _frames(read_clip_grid(path, 0.5, AUDIO, VIDEO))
     assert broken != _frames(read_clip_grid(path, 0.5, AUDIO, VIDEO, skip=False))
