@@ -139,6 +139,16 @@ def nvdec_unsupported(stream: av.video.VideoStream, frame: av.VideoFrame | None)
     return None
 
 
+def stream_header(
+    stream: av.video.VideoStream, origin: float, frame: av.VideoFrame, export: PacketExport
+) -> StreamHeader:
+    """The header a session gets: codec, the first frame's size, timing, and the codec
+    configuration where packets are not made self-contained by an Annex-B filter."""
+    ctx = stream.codec_context
+    extradata = None if export.filter else (ctx.extradata or None)
+    return StreamHeader(ctx.name, frame.width, frame.height, stream.time_base, origin, extradata)
+
+
 def first_frame(stream: av.video.VideoStream, packets: list[av.Packet]) -> av.VideoFrame | None:
     """The first frame the stream's decoder makes of `packets` (drained at once), or None. The
     decoder is reset afterwards, so PyAV can still decode the stream from its first packet."""
@@ -210,4 +220,5 @@ __all__ = [
     "first_frame",
     "nal_headers",
     "nvdec_unsupported",
+    "stream_header",
 ]

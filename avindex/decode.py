@@ -34,6 +34,7 @@ from avindex.bitstream import (
     StreamHeader,
     first_frame,
     nvdec_unsupported,
+    stream_header,
 )
 from avindex.config import AudioConfig, VideoConfig
 from avindex.media import (
@@ -570,11 +571,7 @@ def _read(
             stats.skipping = True  # timestamps permitting: the planner says
             export = PacketExport(video)
             handler = _Exporter(_FramePlanner(schedule, video.time_base, origin, True), export)
-            ctx = video.codec_context
-            extradata = None if export.filter else (ctx.extradata or None)
-            yield StreamHeader(
-                ctx.name, probed.width, probed.height, video.time_base, origin, extradata
-            )
+            yield stream_header(video, origin, probed, export)
 
         handler: _PyAVFrames | _NoFrames | _Exporter
         if mode == "frames":

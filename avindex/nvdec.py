@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from avindex.bitstream import PacketBatch, StreamHeader
 from avindex.config import AudioConfig, EmbedConfig, VideoConfig
 from avindex.decode import DecodeStats, FramePicker, Schedule, pts_seconds
+from avindex.errors import AvindexError
 from avindex.media import scaled_size
 from avindex.reader import (
     CHUNK_CLIPS,
@@ -234,6 +235,8 @@ class NvdecClipReader:
         sessions: SessionFactory,
         device: torch.device,
     ) -> None:
+        if cfg.nvdec_sessions < 1:
+            raise AvindexError(f"--sessions {cfg.nvdec_sessions}: must be at least 1")
         self.audio_cfg, self.video_cfg, self.cfg = audio_cfg, video_cfg, cfg
         self.make_session, self.device = sessions, device
         self.records: dict[int, VideoRecord] = {}
@@ -269,7 +272,8 @@ class NvdecClipReader:
         while not self.closed.is_set():
             with contextlib.suppress(queue.Empty):
                 index = self.retry.get_nowait()
-                args = (self.records[index].path, hop, acfg, vcfg, self.cfg.decode_threads)
+                threads = ClipReader.threads_for(self.cfg, self.cfg.decode_workers)
+                args = (self.records[index].path, hop, acfg, vcfg, threads)
                 yield Job((index, DECODER), decode_video, args)
                 continue
             nxt = next(pending, None)

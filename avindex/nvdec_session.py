@@ -22,6 +22,24 @@ _CODECS = {
 }
 
 
+# NVDEC engines of an H200 (NVIDIA's NVDEC support matrix), used when the driver does not say.
+H200_ENGINES = 7
+
+
+def decoder_engines(codec: str) -> int:
+    """NVDEC engines of GPU 0 for `codec` (8-bit 4:2:0), as the driver reports them."""
+    try:
+        caps = nvc.GetDecoderCaps(
+            gpuid=0,
+            codec=_CODECS[codec],
+            chromaformat=nvc.cudaVideoChromaFormat.YUV420,
+            bitdepth=8,
+        )
+        return int(caps["num_decoder_engines"])
+    except Exception:  # an older driver or binding without the field
+        return H200_ENGINES
+
+
 def _current_context() -> int:
     """The CUDA driver context current on this thread (torch's primary context), as an int."""
     libcuda = ctypes.CDLL("libcuda.so.1")
@@ -78,4 +96,4 @@ def _planar(frame: object) -> torch.Tensor:
     return rgb.permute(2, 0, 1) if rgb.shape[-1] == 3 and rgb.shape[0] != 3 else rgb
 
 
-__all__ = ["PyNvSession"]
+__all__ = ["H200_ENGINES", "PyNvSession", "decoder_engines"]

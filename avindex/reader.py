@@ -10,6 +10,7 @@ by the consumer. On CUDA, avindex.nvdec reads through the same workers with `exp
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -113,8 +114,8 @@ def _pack(data: list) -> ClipChunk:
 
 
 class ClipReader:
-    """Clips of many videos, decoded in `cfg.decode_workers` child processes; iterate to get
-    ClipChunk and VideoRead events (per video: its chunks in order, then its VideoRead)."""
+    """Clips of many videos, decoded in up to `cfg.decode_workers` child processes; iterate to
+    get ClipChunk and VideoRead events (per video: its chunks in order, then its VideoRead)."""
 
     def __init__(
         self,
@@ -123,25 +124,37 @@ class ClipReader:
         video_cfg: VideoConfig,
         cfg: EmbedConfig,
     ) -> None:
+        videos = list(videos)
         self.records: dict[int, VideoRecord] = {}
         self.sent: dict[int, int] = {}
-        jobs = self._jobs(videos, audio_cfg, video_cfg, cfg)
+        threads = self.threads_for(cfg, len(videos))
+        jobs = self._jobs(videos, audio_cfg, video_cfg, cfg.hop, threads)
         limits = PoolLimits(cfg.decode_stall_seconds, cfg.decode_memory_bytes)
         buffer = max(2, cfg.prefetch_batches * cfg.batch_size // CHUNK_CLIPS)
-        self.pool = WorkerPool(jobs, cfg.decode_workers, limits, buffer=buffer)
+        workers = max(1, min(cfg.decode_workers, len(videos)))
+        self.pool = WorkerPool(jobs, workers, limits, buffer=buffer)
+
+    @staticmethod
+    def threads_for(cfg: EmbedConfig, videos: int) -> int:
+        """FFmpeg threads per decoder: cfg.decode_threads, or (0) the cores over the decoders
+        that have a video (a single long file is decoded with every core)."""
+        if cfg.decode_threads > 0:
+            return cfg.decode_threads
+        workers = max(1, min(cfg.decode_workers, videos))
+        return max(1, (os.cpu_count() or 1) // workers)
 
     def _jobs(
         self,
-        videos: Iterable[tuple[int, VideoRecord]],
+        videos: list[tuple[int, VideoRecord]],
         audio_cfg: AudioConfig,
         video_cfg: VideoConfig,
-        cfg: EmbedConfig,
+        hop: float,
+        threads: int,
     ) -> Iterator[Job]:
         for index, record in videos:
             self.records[index] = record
             self.sent[index] = 0
-            args = (record.path, cfg.hop, audio_cfg, video_cfg, cfg.decode_threads)
-            yield Job(index, decode_video, args)
+            yield Job(index, decode_video, (record.path, hop, audio_cfg, video_cfg, threads))
 
     def __iter__(self) -> Iterator[ClipChunk | VideoRead]:
         for event in self.pool.events():

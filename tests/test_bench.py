@@ -60,13 +60,20 @@ def test_every_stage_reports_rates_and_ratios(result: dict) -> None:
     assert index["factory"] == "Flat" and index["recall_at_10"] == pytest.approx(1.0)
     rows = {(r["stage"], r["what"]): r for r in result["rows"]}
     embed = rows[("embed", "embed end to end")]
-    assert embed["bound_name"] in ("decode bound", "model bound")
+    decode = stages["decode"]
+    assert embed["bound_name"] == "PyAV decode-all"  # the bound of the decoder embed used
+    assert embed["bound"] == decode["decode_all"]["video_s_per_s"]
     assert embed["vs_bound"] == pytest.approx(embed["value"] / embed["bound"])
+    assert stages["embed"]["decoders"] == {"pyav": 4} and stages["embed"]["fallbacks"] == 0
+    (ours,) = [r for r in result["rows"] if r["what"].startswith("avindex decode")]
+    assert ours["bound"] == decode["skip_nonref"]["video_s_per_s"]
+    assert decode["skip_nonref"]["frames"] < decode["decode_all"]["frames"]
     assert embed["vs_naive"] == pytest.approx(embed["value"] / stages["naive"]["video_s_per_s"])
     for row in result["rows"]:
         assert row["value"] > 0 and row["unit"]
     names = [t["name"] for t in result["targets"]]
     assert len(names) == 6 and any("naive" in n for n in names)
+    assert {"embed >= 1 x PyAV decode-all", "embed >= 0.8 x PyAV skip-non-reference"} <= set(names)
     for target in result["targets"]:
         assert isinstance(target["met"], bool)
         assert (target["bottleneck"] is None) == target["met"]
