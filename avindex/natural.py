@@ -67,10 +67,12 @@ def natural_frames(
         velocity = rng.uniform(-0.25, 0.25, 2) * np.array([width, height])
         sprites.append((mask, skin, rng.uniform(0, 1, 2) * np.array([width, height]), velocity))
     grain = rng.integers(-3, 4, (_GRAIN_FIELDS, height + 8, width + 8), dtype=np.int16)
-    phase, amplitude = rng.uniform(0, 2 * np.pi, (3, 2)), np.array([[margin_x, margin_y]]) * 0.45
+    # Three sines of a third of the margin each: the camera never leaves the scenery.
+    phase, amplitude = rng.uniform(0, 2 * np.pi, (3, 2)), np.array([[margin_x, margin_y]]) / 3
     for i in range(round(seconds * fps)):
         t = i / fps
-        cx, cy = np.add(_path(t, phase, amplitude), (margin_x, margin_y)).astype(int)
+        offset = np.add(_path(t, phase, amplitude), (margin_x, margin_y))
+        cx, cy = np.clip(offset, 0, (2 * margin_x, 2 * margin_y)).astype(int)
         frame = scene[cy : cy + height, cx : cx + width].copy()
         for mask, skin, start, velocity in sprites:
             x, y = (start + velocity * t) % [width, height]

@@ -109,13 +109,12 @@ def _run_stage(
     if stage == "decode":
         from avindex.bench.decode import decode_bench
 
-        out = {
-            "decode": decode_bench(
-                corpus.paths, corpus.durations, acfg, vcfg, embed_cfg, cfg.repeats
-            )
-        }
+        # Bounds are rates: the distinct videos give them (copies only add identical work).
+        distinct = corpus.describe["distinct_videos"]
+        paths, durations = corpus.paths[:distinct], corpus.durations[:distinct]
+        out = {"decode": decode_bench(paths, durations, acfg, vcfg, embed_cfg, cfg.repeats)}
         if device == "cuda":
-            out.update(_gpu_decode(corpus, cfg))
+            out.update(_gpu_decode(paths, durations, cfg))
         return out
     if stage == "frontend":
         from avindex.bench.frontend import frontend_bench
@@ -163,14 +162,14 @@ def _naive(corpus: Any, checkpoint: Any, cfg: BenchConfig, embed_cfg: EmbedConfi
     return naive_bench(corpus.paths[:n], corpus.durations[:n], checkpoint, *args)
 
 
-def _gpu_decode(corpus: Any, cfg: BenchConfig) -> dict[str, Any]:
-    """NVDEC sweep and DALI's video decoder on the corpus, or why they could not run."""
+def _gpu_decode(paths: list[Path], durations: list[float], cfg: BenchConfig) -> dict[str, Any]:
+    """NVDEC sweep and DALI's video decoder on the videos, or why they could not run."""
     from avindex.bench import gpu
 
     out: dict[str, Any] = {}
     for name, run in (
-        ("nvdec", lambda: gpu.nvdec_sweep(corpus.paths, corpus.durations, cfg.nvdec_sessions)),
-        ("dali", lambda: gpu.dali_decode_all(corpus.paths, corpus.durations)),
+        ("nvdec", lambda: gpu.nvdec_sweep(paths, durations, cfg.nvdec_sessions)),
+        ("dali", lambda: gpu.dali_decode_all(paths, durations)),
     ):
         try:
             out[name] = run()
