@@ -97,6 +97,9 @@ def synth(
         False, help="Natural-looking benchmark videos (texture, camera motion; no labels)."
     ),
     codec: str = typer.Option(None, help="With --natural: h264 or hevc (encoder defaults)."),
+    loops: int = typer.Option(
+        None, help="With --natural: each video is --seconds encoded, played this many times."
+    ),
 ) -> None:
     """Write a synthetic audio-visual corpus with per-second class labels (labels.csv).
 
@@ -121,11 +124,13 @@ def synth(
             height=height,
             fps=fps,
             codec=codec,
+            loops=loops,
         )
         start = time.perf_counter()
         made = make_natural_corpus(out, ncfg)
         print(
-            f"wrote {len(made)} natural videos ({ncfg.seconds} s, {ncfg.width}x{ncfg.height}, "
+            f"wrote {len(made)} natural videos ({ncfg.seconds * ncfg.loops} s, "
+            f"{ncfg.width}x{ncfg.height}, "
             f"{ncfg.codec}) in {time.perf_counter() - start:.1f} s"
         )
         return

@@ -208,6 +208,7 @@ class NaturalConfig:
     fps: float = 30.0
     codec: str = "h264"  # h264 (libx264) | hevc (libx265)
     seed: int = 0
+    loops: int = 1  # each video is its encoded `seconds` played this many times (remuxed)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

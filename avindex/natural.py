@@ -112,8 +112,10 @@ def write_natural(path: str | os.PathLike, cfg: NaturalConfig, index: int) -> Pa
     seed = cfg.seed * 1000 + index
     frames = natural_frames(cfg.seconds, (cfg.width, cfg.height), cfg.fps, seed)
     audio = natural_audio(cfg.seconds, 48_000, seed)
+    target = Path(path)
+    once = target.with_name(f"{target.stem}.once{target.suffix}") if cfg.loops > 1 else target
     write_video(
-        path,
+        once,
         frames,
         cfg.fps,
         audio,
@@ -122,7 +124,44 @@ def write_natural(path: str | os.PathLike, cfg: NaturalConfig, index: int) -> Pa
         video_options=options,
         keyint=KEYINT,
     )
-    return Path(path)
+    if cfg.loops > 1:
+        loop_video(once, target, cfg.loops)
+        once.unlink()
+    return target
+
+
+def loop_video(source: str | os.PathLike, out: str | os.PathLike, times: int) -> Path:
+    """`out`: `source` played `times` times in a row, remuxed without re-encoding (each pass
+    starts at the source's first keyframe), so a long benchmark file costs one short encode."""
+    import av
+
+    with av.open(os.fspath(source)) as src, av.open(os.fspath(out), "w") as dst:
+        streams = {
+            s.index: dst.add_stream_from_template(s)
+            for s in src.streams
+            if s.type in ("video", "audio")
+        }
+        spans = {}
+        for stream in src.streams:
+            if stream.index in streams:
+                # The source's length in each stream's time base: the offset of the next pass.
+                spans[stream.index] = round(src.duration / 1_000_000 / stream.time_base)
+        last: dict[int, int] = {}
+        for n in range(times):
+            src.seek(0)
+            for packet in src.demux(*[src.streams[i] for i in streams]):
+                index = packet.stream.index
+                if packet.dts is None or not packet.size:
+                    continue
+                shift = n * spans[index]
+                if packet.dts + shift <= last.get(index, -(2**62)):
+                    continue  # an audio priming packet overlapping the previous pass's end
+                packet.pts = None if packet.pts is None else packet.pts + shift
+                packet.dts += shift
+                last[index] = packet.dts
+                packet.stream = streams[index]
+                dst.mux(packet)
+    return Path(out)
 
 
 def _write_one(args: tuple[str, NaturalConfig, int]) -> Path:
@@ -145,4 +184,11 @@ def make_natural_corpus(
         return list(pool.map(_write_one, jobs))
 
 
-__all__ = ["ENCODERS", "make_natural_corpus", "natural_frames", "texture", "write_natural"]
+__all__ = [
+    "ENCODERS",
+    "loop_video",
+    "make_natural_corpus",
+    "natural_frames",
+    "texture",
+    "write_natural",
+]

@@ -252,9 +252,11 @@ class NvdecClipReader:
         self.finished_sessions = 0
         self.closed = threading.Event()
         limits = PoolLimits(cfg.decode_stall_seconds, cfg.decode_memory_bytes)
-        # As many demux workers as sessions: every video being demuxed has a session free or
+        # No more demux workers than sessions: every video being demuxed has a session free or
         # one that finishes without more packets (so the byte bound cannot deadlock).
-        self.pool = WorkerPool(self._jobs(videos), cfg.nvdec_sessions, limits, buffer=256)
+        videos = list(videos)
+        workers = max(1, min(cfg.nvdec_sessions, len(videos)))
+        self.pool = WorkerPool(self._jobs(videos), workers, limits, buffer=256)
         self.threads = [threading.Thread(target=self._route, name="avindex-nvdec-router")]
         self.threads += [
             threading.Thread(target=self._serve, name=f"avindex-nvdec-{i}", daemon=True)

@@ -113,3 +113,18 @@ def test_natural_videos_look_like_camera_footage(tmp_path: Path) -> None:
     hevc = make_natural_corpus(tmp_path / "hevc", NaturalConfig(1, 1, 160, 96, 25.0, "hevc"), 1)
     with av.open(str(hevc[0])) as container:
         assert container.streams.video[0].codec_context.name == "hevc"
+
+
+def test_a_looped_natural_video_is_the_encode_played_again(tmp_path: Path) -> None:
+    from avindex.bench.decode import decode_file
+    from avindex.config import NaturalConfig
+    from avindex.media import probe
+    from avindex.natural import make_natural_corpus
+
+    once = make_natural_corpus(tmp_path / "a", NaturalConfig(1, 2, 160, 96, 25.0), workers=1)
+    looped = make_natural_corpus(tmp_path / "b", NaturalConfig(1, 2, 160, 96, 25.0, loops=3), 1)
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["natural_000.mp4"]
+    info = probe(looped[0])
+    assert info.error is None and info.duration == pytest.approx(6.0, abs=0.05)
+    assert info.n_frames == 150 and not info.variable_fps
+    assert decode_file(str(looped[0]), 1, True)[0] == 3 * decode_file(str(once[0]), 1, True)[0]
