@@ -145,7 +145,8 @@ if dali_gpu_ok; then log "DALI GPU: available"; else log "DALI GPU: NOT availabl
 "$PYTHON" -c 'from avindex.nvdec import default_sessions; s, why = default_sessions(); print("NVDEC sessions:", why)' || true
 
 # Corpora: natural-looking (texture, camera motion, moving objects), encoder defaults.
-if [ "$QUICK" = 1 ]; then SECS=3; NV=2; HSECS=2; S720=320x180; S1080=480x270; COPIES=2; else SECS=60; NV=4; HSECS=30; S720=1280x720; S1080=1920x1080; COPIES=7; fi
+if [ "$QUICK" = 1 ]; then SECS=3; NV=2; HSECS=2; S720=320x180; S1080=480x270; COPIES=2; TB=16; TRAIN_CORPUS=(--count 2 --seconds 10)
+else SECS=60; NV=4; HSECS=30; S720=1280x720; S1080=1920x1080; COPIES=7; TB=256; TRAIN_CORPUS=(); fi
 CORPUS=${CORPUS:-/tmp/avindex-gpu-corpus}
 synth() { timeout --kill-after=5 240 "${AVINDEX[@]}" synth "$@" --natural --fps 30 > /dev/null; }
 # Encoding is CPU work: it runs beside the GPU tests (the corpora are waited for below).
@@ -173,8 +174,8 @@ wait_corpus hevc $PHEVC
 section bench-hevc 60 "${AVINDEX[@]}" "${BENCH[@]}" --videos "$CORPUS/hevc" --stage decode \
     --json "$OUT/bench_hevc.json"
 # Full-width training (the device's preset) at a batch that fills the GPU; TRAIN_BATCH to change.
-section bench-train 70 "${AVINDEX[@]}" "${BENCH[@]}" --stage train --train-batch "${TRAIN_BATCH:-256}" \
-    --json "$OUT/bench_train.json"
+section bench-train 70 "${AVINDEX[@]}" "${BENCH[@]}" --stage train --train-batch "${TRAIN_BATCH:-$TB}" \
+    "${TRAIN_CORPUS[@]}" --json "$OUT/bench_train.json"
 if "$PYTHON" -c 'import avindex.serve' 2>/dev/null && [ -f benchmarks/serve_latency.py ]; then
     section serve-latency 40 "$PYTHON" benchmarks/serve_latency.py --device "$DEVICE"
 else

@@ -13,6 +13,7 @@ import mediafactory as mf
 import numpy as np
 import pytest
 import torch
+from nvdec_standin import PyAVSession
 
 from avindex import bitstream, nvdec
 from avindex.bitstream import PacketExport, ReferenceFinder, StreamHeader
@@ -46,35 +47,6 @@ PYAV_ONLY = {  # zoo files NVDEC does not take, and why
     "mjpeg_pcm.mov": "codec mjpeg",
     "rotated90.mp4": "rotated 90",
 }
-
-
-class PyAVSession:
-    """Stand-in DecodeSession: PyAV decodes the Annex-B packets NVDEC would get (damaged packets
-    are concealed, as NVDEC does: nothing is raised)."""
-
-    def __init__(self, header: StreamHeader, device: torch.device) -> None:
-        self.ctx = av.CodecContext.create(header.codec, "r")
-        if header.extradata:
-            self.ctx.extradata = header.extradata
-
-    def _frames(self, frames: list) -> list[tuple[int, torch.Tensor]]:
-        return [
-            (f.pts, torch.from_numpy(f.to_ndarray(format="rgb24")).permute(2, 0, 1)) for f in frames
-        ]
-
-    def decode(self, data: bytes, pts: int) -> list[tuple[int, torch.Tensor]]:
-        packet = av.Packet(data)
-        packet.pts = pts
-        try:
-            return self._frames(self.ctx.decode(packet))
-        except av.FFmpegError:
-            return []
-
-    def flush(self) -> list[tuple[int, torch.Tensor]]:
-        return self._frames(self.ctx.decode(None))
-
-    def close(self) -> None:
-        self.ctx = None
 
 
 @pytest.fixture(scope="module")

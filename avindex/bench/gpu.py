@@ -8,6 +8,7 @@ times the sessions alone; each session decodes whole files on a fresh decoder, a
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import subprocess
 import threading
@@ -71,8 +72,8 @@ def decode_files(
 
     def serve(slot: int) -> None:
         try:
-            stream = torch.cuda.Stream(device)
-            with torch.cuda.stream(stream):
+            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+            with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
                 while True:
                     try:
                         item = work.get_nowait()
@@ -84,7 +85,8 @@ def decode_files(
                             counts[slot] += len(session.decode(data, pts))
                     counts[slot] += len(session.flush())
                     session.close()
-            stream.synchronize()
+            if stream is not None:
+                stream.synchronize()
         except BaseException as exc:  # reported by the caller
             errors.append(exc)
 

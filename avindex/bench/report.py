@@ -511,7 +511,7 @@ def _plot_nvdec(ax: Any, result: dict[str, Any]) -> None:
     nvdec = result["stages"].get("nvdec")
     ax.set_title("NVDEC decode-all: sessions in flight")
     if not nvdec or "sweep" not in nvdec:
-        ax.text(0.5, 0.5, "not measured (needs CUDA + PyNvVideoCodec)", ha="center", va="center")
+        ax.text(0.5, 0.5, "not measured\n(needs CUDA + PyNvVideoCodec)", ha="center", va="center")
         ax.axis("off")
         return
     sessions = [p["sessions"] for p in nvdec["sweep"]]
