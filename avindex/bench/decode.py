@@ -45,7 +45,7 @@ def bound_layout(files: int, cores: int) -> tuple[int, int]:
     return processes, max(1, cores // processes)
 
 
-def _pyav_bound(
+def pyav_bound(
     paths: Sequence[Path], seconds: float, skip_nonref: bool, repeats: int
 ) -> dict[str, Any]:
     """Best-of-`repeats` rate of decode_file over every path on all cores."""
@@ -104,8 +104,8 @@ def decode_bench(
     total = sum(r.frames_total for r in reads)
     return {
         "video_seconds": seconds,
-        "decode_all": _pyav_bound(paths, seconds, False, repeats),
-        "skip_nonref": _pyav_bound(paths, seconds, True, repeats),
+        "decode_all": pyav_bound(paths, seconds, False, repeats),
+        "skip_nonref": pyav_bound(paths, seconds, True, repeats),
         "avindex": {
             "workers": min(embed_cfg.decode_workers, len(paths)),
             "threads": ClipReader.threads_for(embed_cfg, len(paths)),
