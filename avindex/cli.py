@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -16,8 +17,35 @@ app = typer.Typer(
 )
 
 
+class _WarningLines(logging.Handler):
+    """Library warnings (loggers `avindex.*`, e.g. unreadable shards) as one line each on stderr,
+    each message once per command (a store opened twice in one command would repeat them)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = " ".join(record.getMessage().split())
+        if message not in self.seen:
+            self.seen.add(message)
+            print(f"avindex: warning: {message}", file=sys.stderr)
+
+
+def _show_warnings() -> None:
+    """Install the warning printer once (main() may run more than once in one process)."""
+    logger = logging.getLogger("avindex")
+    for handler in logger.handlers:
+        if isinstance(handler, _WarningLines):
+            handler.seen.clear()
+            return
+    logger.addHandler(_WarningLines())
+
+
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors become one line on stderr and exit code 2; library
+    warnings one line each (`avindex: warning: ...`)."""
+    _show_warnings()
     try:
         app()
     except AvindexError as exc:
@@ -32,6 +60,7 @@ def main() -> None:
 def probe(
     paths: list[str] = typer.Argument(..., help="Media files or folders (searched recursively)."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list of dicts instead."),
+    workers: int = typer.Option(None, help="Probing processes (default: as embed's decoders)."),
 ) -> None:
     """Describe media files, or say in one line why each cannot be used.
 
@@ -39,13 +68,16 @@ def probe(
     """
     import json
 
-    from avindex.media import probe as probe_file
-    from avindex.scan import find_media
+    from avindex.config import EmbedConfig
+    from avindex.media import MediaInfo, probe_files
+    from avindex.scan import scan_inputs
 
-    infos = [probe_file(p) for p in find_media(paths)]
+    found = scan_inputs(paths)
+    infos = probe_files(found.paths, workers or EmbedConfig().decode_workers) if found.paths else []
+    infos += [MediaInfo(p, error="no such file or folder") for p in found.missing]
     if json_out:
         print(json.dumps([i.to_dict() for i in infos], indent=2))
-        return
+        raise typer.Exit(1 if found.missing else 0)
     from rich.console import Console
     from rich.table import Table
 
@@ -61,7 +93,12 @@ def probe(
     bad = [i for i in infos if not i.usable]
     for i in bad:
         console.print(f"[red]unusable[/red] {_short(i.path)}: {i.error}", highlight=False)
+    for i in infos:
+        for warning in i.warnings:
+            console.print(f"[yellow]note[/yellow] {_short(i.path)}: {warning}", highlight=False)
     console.print(f"{len(infos)} files, {len(infos) - len(bad)} usable, {len(bad)} unusable")
+    if found.missing:
+        raise typer.Exit(1)  # the report is complete; a mistyped path must not pass unnoticed
 
 
 def _short(path: str) -> str:
@@ -211,6 +248,38 @@ def index(
 
 
 @app.command()
+def check(
+    store: str = typer.Argument(..., help="Store directory written by `avindex embed`."),
+    repair: bool = typer.Option(
+        False,
+        "--repair",
+        help="Move bad shards into STORE/quarantine/ (never deleted; their videos are embedded "
+        "again by the next embed), rewrite wrong catalog entries, remove the tmp files and "
+        "claims of dead writers.",
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Verify every shard of a store completely, its catalog, tmp files and claims; the exit code
+    is 1 while problems remain.
+
+    Example: avindex check store/ --repair
+    """
+    import json
+
+    from avindex.check import check_store
+
+    report = check_store(store, repair=repair)
+    if json_out:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for finding in report.findings:
+            print(finding.line())
+        print(report.summary())
+    if not report.clean:
+        raise typer.Exit(1)
+
+
+@app.command()
 def embed(
     inputs: list[str] = typer.Argument(..., help="Video files or folders (searched recursively)."),
     model: str = typer.Option(
@@ -229,11 +298,17 @@ def embed(
     ),
     seed: int = typer.Option(0, help="With --model random: weight seed."),
     retry_failed: bool = typer.Option(False, help="Try again the videos that failed before."),
+    part: str = typer.Option(
+        None,
+        help="K/N: embed only share K (0..N-1) of the inputs, split by a stable hash of each "
+        "path, so N processes on N machines (a Slurm array, a shell loop) fill one store.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Embed every second of every video into the store (resumable; bad files are reported).
 
     Example: avindex embed videos/ --model run/best.pt --store store/
+    Many machines: avindex embed videos/ --model m.pt --store store/ --part $K/$N
     """
     import json
     from pathlib import Path
@@ -242,12 +317,15 @@ def embed(
     from avindex.embed import embed_paths
     from avindex.model import load_checkpoint, random_checkpoint
     from avindex.progress import EmbedProgress
-    from avindex.scan import find_media
+    from avindex.scan import scan_inputs, select_part
 
     cfg = replace(
         EmbedConfig(), hop=hop, batch_size=batch_size, device=device, decode_workers=workers
     )
-    paths = find_media(inputs)
+    found = scan_inputs(inputs)
+    paths = select_part(found.paths, part)
+    for missing in found.missing:
+        print(f"avindex: skipped input: {missing}: no such file or folder", file=sys.stderr)
     if model == "random":
         ckpt = random_checkpoint(width, seed, preset=preset)
     else:
@@ -266,9 +344,11 @@ def embed(
             model_path=None if model == "random" else model,
         )
     if json_out:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps({**report.to_dict(), "missing_inputs": found.missing}, indent=2))
     else:
         progress.summary(report, store)
+    if found.missing:
+        raise typer.Exit(1)  # the rest is embedded; a typo in a path must not pass unnoticed
 
 
 @app.command()
@@ -483,6 +563,56 @@ def _print_results(results: list) -> None:
         console.print(table)
         if not r.hits:
             console.print("no results (empty index?)")
+
+
+@app.command()
+def serve(
+    store: str = typer.Argument(..., help="Indexed store (`avindex embed`, then `avindex index`)."),
+    host: str = typer.Option(
+        None, help="Address to listen on (default 127.0.0.1; any other needs --token)."
+    ),
+    port: int = typer.Option(None, help="Port (default 8000)."),
+    token: str = typer.Option(
+        None,
+        envvar="AVINDEX_SERVE_TOKEN",
+        help="Secret every API and media request must carry (header, cookie or ?token=); "
+        "open the page as /?token=SECRET. Required off loopback.",
+    ),
+    model: str = typer.Option(
+        None, help="Checkpoint the store was embedded with (default: the one the store records)."
+    ),
+    device: str = typer.Option(None, help="auto | cpu | cuda (query encoding and faiss)."),
+    max_upload_bytes: int = typer.Option(None, help="Largest upload (whole request, bytes)."),
+    max_upload_seconds: float = typer.Option(None, help="Longest sound or video query, seconds."),
+    k: int = typer.Option(None, "-k", "--k", help="Results per query unless a request says."),
+    max_k: int = typer.Option(None, help="Most results a request may ask for."),
+) -> None:
+    """Serve search over HTTP: a JSON API and a web page to drop a sound, picture or video
+    into, look at the results and play them from the right moment.
+
+    Example: avindex serve store/ --port 8000   (then open http://127.0.0.1:8000/)
+    """
+    from avindex.config import ServeConfig, replace
+
+    try:
+        from avindex.serve.app import serve as run_server
+    except ImportError as exc:
+        raise AvindexError(
+            f"avindex serve needs the serve extra ({exc.name} is missing): "
+            "pip install 'avindex[serve]'"
+        ) from None
+    cfg = replace(
+        ServeConfig(),
+        host=host,
+        port=port,
+        token=token,
+        device=device,
+        max_upload_bytes=max_upload_bytes,
+        max_upload_seconds=max_upload_seconds,
+        k=k,
+        max_k=max_k,
+    )
+    run_server(store, cfg, model)
 
 
 @app.command("eval")

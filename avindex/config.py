@@ -143,6 +143,24 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """`avindex serve`: address, access token, upload limits, result counts and media sizes."""
+
+    host: str = "127.0.0.1"  # loopback only; any other address needs a token
+    port: int = 8000
+    token: str | None = None  # required on every API and media request when set
+    max_upload_bytes: int = 50 << 20  # whole request body, refused while it streams in
+    max_upload_seconds: float = 600.0  # longest sound or video accepted as a query
+    k: int = 12  # results per query when the request does not say
+    max_k: int = 100
+    thumb_height: int = 180  # result frames are JPEGs this many pixels high
+    audio_context: float = 0.5  # seconds of sound played on each side of a result's 1 s clip
+    media_workers: int = 4  # stored-video decodes at once (thumbnails, sounds)
+    media_cache: int = 256  # decoded thumbnails/sounds/spectrograms kept in memory
+    device: str = "auto"  # torch + faiss for queries
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Retrieval evaluation by class labels: query sample size and exact-search block size."""
 
@@ -252,10 +270,27 @@ class DemoConfig:
     device: str = "auto"
 
 
+@dataclass(frozen=True)
+class ClaimConfig:
+    """Per-video claims of writers sharing one store (avindex.claims): when a writer counts as dead.
+
+    A writer on this host is dead as soon as its process is gone; a writer on another machine
+    when its heartbeat is older than `ttl`, so `ttl` must exceed the longest stall of a live
+    writer (a slow shared filesystem, a paused VM) by a margin.
+    """
+
+    ttl: float = 120.0  # seconds without a heartbeat before another machine's writer is dead
+    heartbeat: float = 15.0  # how often a live writer refreshes its heartbeat
+    # How long a finished video's claim says "done" to writers whose view of the catalog is older
+    # (a shared filesystem may list new shards late); after it only the catalog decides.
+    done_grace: float = 900.0
+
+
 __all__ = [
     "AudioConfig",
     "AugmentConfig",
     "BenchConfig",
+    "ClaimConfig",
     "DemoConfig",
     "EmbedConfig",
     "EvalConfig",
@@ -263,6 +298,7 @@ __all__ = [
     "ModelConfig",
     "NaturalConfig",
     "SearchConfig",
+    "ServeConfig",
     "SynthConfig",
     "TrainConfig",
     "VideoConfig",

@@ -15,6 +15,7 @@ frame-choice rule both paths use. See docs/architecture.md ("Decoding").
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import logging
 import math
@@ -73,6 +74,9 @@ _MAX_LOOKAHEAD = 512
 # Video packets a probe decoder may take to give the first frame (which tells whether NVDEC
 # takes the video); a stream that gives none by then is decoded by PyAV.
 _PROBE_LIMIT = 64
+# read_moments(seek=True) lands this far before the first moment: the audio packets interleaved
+# around the video keyframe it seeks to, and the audio decoder's warm-up, lie before the window.
+_SEEK_MARGIN = 1.0
 
 
 class Moment(NamedTuple):
@@ -527,17 +531,21 @@ def _read(
     mode: str,
     skip: bool,
     stats: DecodeStats,
+    seek: bool = False,
 ) -> Iterator[MomentData | StreamHeader | PacketBatch | str]:
     """The one demux pass behind read_moments, read_clip_grid and read_for_nvdec.
 
     mode 'frames' decodes frames here, 'audio' reads audio only, 'export' yields a StreamHeader
     (or, for a video NVDEC does not take, the reason as a str, then decodes frames here), then
-    PacketBatches between the audio-only moments.
+    PacketBatches between the audio-only moments. seek=True starts at the keyframe before the
+    earliest moment.
     """
     path = os.fspath(path)
     with open_media(path) as container:
         video = video_stream(container, path)
         audio = container.streams.audio[0] if container.streams.audio else None
+        if seek:
+            _seek_before(container, video, schedule.moments)
         unusable = check_audio_rate(audio, path) if audio is not None else None
         if unusable is not None:
             log.warning("%s", unusable)
@@ -632,6 +640,18 @@ def _read(
         yield from reader.ready()
 
 
+def _seek_before(
+    container: av.container.InputContainer, video: av.video.VideoStream, moments: list[Moment]
+) -> None:
+    """Start demuxing at the keyframe before the earliest moment (less _SEEK_MARGIN), so a few
+    moments late in a long file are read without decoding everything before them. The planner
+    then knows no frame before that keyframe, which only widens what it decodes."""
+    first = min(min(m.frame_time, m.audio_start) for m in moments) - _SEEK_MARGIN
+    if first > 0:
+        with contextlib.suppress(av.FFmpegError):  # unseekable: read from the start
+            container.seek(start_pts(video, None) + int(first / video.time_base), stream=video)
+
+
 def _drain_audio(audio: av.audio.AudioStream, reader: _MomentReader, stats: DecodeStats) -> None:
     """End of the audio stream: frames the decoder still holds."""
     try:
@@ -651,12 +671,15 @@ def read_moments(
     frames: bool = True,
     skip: bool = True,
     stats: DecodeStats | None = None,
+    seek: bool = False,
 ) -> Iterator[MomentData]:
     """Read frames and audio windows for `moments` (sorted by frame_time) in one streaming pass.
 
     frames=False reads the audio alone (MomentData.frame is None), for frames decoded elsewhere
     (NVDEC); the audio is still placed on the video stream's timeline. skip=False decodes every
-    frame (the reference the skipping is checked against, and the decode-all bound).
+    frame (the reference the skipping is checked against, and the decode-all bound). seek=True
+    starts at the keyframe before the earliest moment (a few moments of a long file, e.g. a
+    result to show).
     """
     moments = [Moment(float(m[0]), float(m[1])) for m in moments]
     if any(b.frame_time < a.frame_time for a, b in itertools.pairwise(moments)):
@@ -664,16 +687,9 @@ def read_moments(
     if not moments:
         return
     schedule = Schedule(moments, None, audio_cfg.clip_seconds)
-    yield from _read(
-        path,
-        schedule,
-        audio_cfg,
-        video_cfg,
-        threads,
-        "frames" if frames else "audio",
-        skip,
-        stats or DecodeStats(),
-    )
+    stats = stats or DecodeStats()
+    mode = "frames" if frames else "audio"
+    yield from _read(path, schedule, audio_cfg, video_cfg, threads, mode, skip, stats, seek)
 
 
 def read_clip_grid(

@@ -8,14 +8,54 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from avindex.config import DemoConfig, replace
+from avindex.config import (
+    AudioConfig,
+    DemoConfig,
+    EmbedConfig,
+    IndexConfig,
+    SearchConfig,
+    VideoConfig,
+    replace,
+)
+from avindex.decode import clip_moment, read_moments
+from avindex.embed import embed_paths
+from avindex.errors import AvindexError
+from avindex.evaluate import EvalReport, evaluate
+from avindex.index import build_index
+from avindex.model import load_checkpoint
+from avindex.presets import SMALL
+from avindex.queries import Query
+from avindex.scan import find_media
+from avindex.search import search
+from avindex.sheet import write_sheet
+from avindex.synth import clip_labels, load_labels, make_corpus, write_video
+from avindex.train import train
 
-if TYPE_CHECKING:
-    from avindex.evaluate import EvalReport
+DEMO_FOLDERS = ("corpus", "queries", "run", "store")
+MARKER = ".avindex-demo"  # written into OUT by the demo: only such a folder is ever cleared
+
+
+def prepare_out(out: Path) -> Path:
+    """OUT ready for a fresh demo: new or empty (then marked as the demo's), or a folder the demo
+    made before (its own subfolders are cleared). Any other folder is refused, never cleared."""
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise AvindexError(f"--out {out}: is a file; give a new or empty folder")
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise AvindexError(
+            f"--out {out}: holds files the demo did not write; give a new or empty folder "
+            "(the demo clears its output folder before each run)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `avindex demo`; it may clear this folder's demo data\n")
+    for name in DEMO_FOLDERS:  # a re-run starts fresh: a new model, a new store
+        shutil.rmtree(out / name, ignore_errors=True)
+    return out
 
 
 @dataclass
@@ -54,11 +94,6 @@ def _timed(
 
 def write_queries(held_out: Path, labels_file: Path, out: Path, cfg: DemoConfig) -> list[QueryFile]:
     """Cut query files from a held-out video: a sound (16 kHz stereo wav) and a picture (png)."""
-    from PIL import Image
-
-    from avindex.config import AudioConfig, VideoConfig
-    from avindex.decode import clip_moment, read_moments
-    from avindex.synth import load_labels, write_video
 
     per_second = load_labels(labels_file)[held_out.name]
     # Seconds in the middle of a segment, one per class, so each query is one clean event.
@@ -93,7 +128,6 @@ def write_queries(held_out: Path, labels_file: Path, out: Path, cfg: DemoConfig)
 
 def _result_labels(hits: list, labels: dict[str, np.ndarray], corpus: Path) -> list[int]:
     """Ground-truth class of each hit (the second holding the clip's centre)."""
-    from avindex.synth import clip_labels
 
     return [
         int(clip_labels(labels[Path(h.path).relative_to(corpus).as_posix()], np.array([h.t0]))[0])
@@ -103,23 +137,9 @@ def _result_labels(hits: list, labels: dict[str, np.ndarray], corpus: Path) -> l
 
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoReport:
     """Run every stage on a fresh synthetic corpus, through the same code as each command."""
-    from avindex.config import EmbedConfig, IndexConfig, SearchConfig
-    from avindex.embed import embed_paths
-    from avindex.evaluate import evaluate
-    from avindex.index import build_index
-    from avindex.model import load_checkpoint
-    from avindex.presets import SMALL
-    from avindex.queries import Query
-    from avindex.scan import find_media
-    from avindex.search import search
-    from avindex.sheet import write_sheet
-    from avindex.synth import load_labels, make_corpus
-    from avindex.train import train
 
-    out = Path(cfg.out).resolve()
-    corpus, held, run, store = out / "corpus", out / "queries", out / "run", out / "store"
-    for folder in (corpus, held, run, store):  # a re-run starts fresh: a new model, a new store
-        shutil.rmtree(folder, ignore_errors=True)
+    out = prepare_out(Path(cfg.out))
+    corpus, held, run, store = (out / name for name in DEMO_FOLDERS)
     report = DemoReport(out)
     labels_file = _timed(report, "synth", say, lambda: make_corpus(corpus, cfg.corpus))
     held_labels = make_corpus(held, replace(cfg.corpus, videos=1, seed=cfg.corpus.seed + 1000))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import numpy as np
 
 from avindex.config import EmbedConfig, to_dict
 from avindex.devices import resolve_device
+from avindex.encoder import STAGES as STAGES_OF_ENCODER
 from avindex.encoder import Encoder, torch_threads
 from avindex.errors import AvindexError
 from avindex.model import Checkpoint
@@ -165,6 +166,15 @@ class _Batches:
         return self.videos.pop(video)
 
 
+@contextlib.contextmanager
+def encoder_session(checkpoint: Checkpoint, device: str, batch_size: int) -> Iterator[Encoder]:
+    """An Encoder for bulk embedding: on a CPU its towers run side by side with one torch
+    thread each (see Encoder), restored afterwards."""
+    threads = torch_threads(1) if device == "cpu" else contextlib.nullcontext()
+    with threads, Encoder(checkpoint, device, batch_size) as encoder:
+        yield encoder
+
+
 def _stack(parts: list[np.ndarray], empty: tuple[int, ...]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(empty, np.float32)
 
@@ -184,15 +194,14 @@ def _events(
 
 
 def run_embed(
-    videos: Sequence[VideoRecord],
+    videos: Iterable[VideoRecord],
     writer: StoreWriter,
-    checkpoint: Checkpoint,
+    encoder: Encoder,
     cfg: EmbedConfig,
-    device: str,
     on_progress: Callable[[EmbedReport], None] | None = None,
 ) -> EmbedReport:
-    """Embed `videos` into `writer`: decoders run ahead in child processes while the model
-    embeds batches that mix clips of several videos."""
+    """Embed `videos` (taken lazily, as decoders become free) into `writer`: decoders run ahead
+    in child processes while the encoder embeds batches that mix clips of several videos."""
     report = EmbedReport()
     seconds = report.stage_seconds
     started = time.perf_counter()
@@ -206,7 +215,7 @@ def run_embed(
             writer.add_failure(read.record, read.error)
             report.add(read, 0)
         else:
-            dim = checkpoint.model.embed_dim
+            dim = encoder.dim
             writer.add_video(
                 read.record,
                 _stack(rows.visual, (0, dim)),
@@ -225,10 +234,11 @@ def run_embed(
         for video in batches.give_back(chunks, visual, sound):
             write(video)
 
-    threads = torch_threads(1) if device == "cpu" else contextlib.nullcontext()
-    reader = clip_reader(enumerate(videos), checkpoint.audio_cfg, checkpoint.video_cfg, cfg, device)
-    # Decoders start first: they fill their queue while the model and DALI pipelines are set up.
-    with reader, threads, Encoder(checkpoint, device, cfg.batch_size) as encoder:
+    checkpoint = encoder.checkpoint
+    before = dict(encoder.seconds)
+    expected = len(videos) if isinstance(videos, Sized) else None
+    acfg, vcfg = checkpoint.audio_cfg, checkpoint.video_cfg
+    with clip_reader(enumerate(videos), acfg, vcfg, cfg, encoder.device, expected) as reader:
         for event in _events(reader, seconds):
             if isinstance(event, ClipChunk):
                 if batches.add_chunk(event):
@@ -237,8 +247,8 @@ def run_embed(
                 write(event.video)
         if batches.held:
             embed_batch()
-        seconds["preprocess"] += encoder.seconds["preprocess"]
-        seconds["model"] += encoder.seconds["model"]
+    for stage in STAGES_OF_ENCODER:
+        seconds[stage] += encoder.seconds[stage] - before[stage]
     if batches.videos:  # pragma: no cover - every video ends with a VideoRead
         raise AvindexError(f"internal: {len(batches.videos)} videos never completed")
     report.wall_seconds = time.perf_counter() - started
@@ -327,8 +337,11 @@ def embed_paths(
     if on_start:
         on_start(len(todo), len(records) - len(todo))
     meta = store_meta(checkpoint, cfg, model_path)
-    with StoreWriter(store_dir, meta, cfg.shard_clips, cfg.shard_seconds) as writer:
-        report = run_embed(todo, writer, checkpoint, cfg, device, on_progress)
+    with (
+        StoreWriter(store_dir, meta, cfg.shard_clips, cfg.shard_seconds) as writer,
+        encoder_session(checkpoint, device, cfg.batch_size) as encoder,
+    ):
+        report = run_embed(todo, writer, encoder, cfg, on_progress)
     report.videos_skipped = len(records) - len(todo)
     return report
 
@@ -337,6 +350,7 @@ __all__ = [
     "EmbedReport",
     "check_config",
     "embed_paths",
+    "encoder_session",
     "model_source",
     "pending_videos",
     "run_embed",

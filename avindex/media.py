@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -17,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from avindex.config import AudioConfig, VideoConfig
 from avindex.errors import AvindexError
+from avindex.workers import Done, Failed, Job, WorkerPool
 
 # Tolerance of the clip-count formula (contract): float durations like 0.9999999 count as 1 s.
 EPS = 1e-6
@@ -210,6 +212,22 @@ def probe(path: str | os.PathLike, clip_seconds: float | None = None) -> MediaIn
     return info
 
 
+def probe_files(
+    paths: Sequence[str | os.PathLike], workers: int, clip_seconds: float | None = None
+) -> list[MediaInfo]:
+    """probe() of many files in child processes (in the order given): a file that crashes or
+    hangs its demuxer gets that as its error instead of ending the caller."""
+    jobs = [Job(i, probe, (os.fspath(p), clip_seconds)) for i, p in enumerate(paths)]
+    infos: dict[int, MediaInfo] = {}
+    with WorkerPool(jobs, max(1, min(workers, len(jobs)))) as pool:
+        for event in pool.events():
+            if isinstance(event, Done):
+                infos[event.key] = event.value
+            elif isinstance(event, Failed):
+                infos[event.key] = MediaInfo(os.fspath(paths[event.key]), error=event.reason)
+    return [infos[i] for i in range(len(paths))]
+
+
 def _probe_container(container: av.container.InputContainer, path: str, info: MediaInfo) -> None:
     """Fill `info` from an open container: stream headers, a packet scan, the first video frame
     and the first audio frame (decoded the way clips decode them)."""
@@ -268,6 +286,35 @@ def _scan(
     except av.FFmpegError:
         pass  # truncated or damaged tail: the packets read so far give the real length
     return first, heard
+
+
+def stream_seconds(path: str | os.PathLike, kind: str, limit: float) -> float | None:
+    """Seconds spanned by the first `kind` ('audio' | 'video') stream's packets, counted until they
+    pass `limit` (demuxing only, no decoding); None when the file has no such stream or cannot be
+    opened (a search then says why)."""
+    try:
+        container = open_media(path)
+    except MediaError:
+        return None
+    with container:
+        streams = getattr(container.streams, kind)
+        if not streams:
+            return None
+        time_base = streams[0].time_base
+        limit_ticks = float(limit / time_base)
+        lo = hi = None
+        try:
+            for packet in container.demux(streams[0]):
+                if packet.pts is None:
+                    continue
+                end = packet.pts + (packet.duration or 0)
+                lo = packet.pts if lo is None else min(lo, packet.pts)
+                hi = end if hi is None else max(hi, end)
+                if hi - lo > limit_ticks:
+                    break  # already too long: the rest of the file need not be read
+        except av.FFmpegError:
+            pass  # a damaged tail: the packets read so far give the length
+    return None if lo is None else float((hi - lo) * time_base)
 
 
 def frame_to_rgb(
@@ -377,10 +424,12 @@ __all__ = [
     "mono",
     "open_media",
     "probe",
+    "probe_files",
     "reason",
     "resampler",
     "scaled_size",
     "set_threads",
     "start_pts",
+    "stream_seconds",
     "video_stream",
 ]

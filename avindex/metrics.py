@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import torch
+import torch
 
 METRICS = ("cosine", "ip", "l2")
 _BLOCK_ELEMENTS = 1 << 24  # scores held at once: bounds memory for large galleries
@@ -39,8 +37,6 @@ class Retrieval:
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
-    import torch
-
     return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
 
 
@@ -93,8 +89,6 @@ def retrieval(
     left out of query i's ranking. exclude: the same for a sample of queries, the gallery row of
     each query. metric: cosine (rows normalised first), ip, or l2.
     """
-    import torch
-
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r}: expected one of {METRICS}")
     q, g = _as_tensor(query), _as_tensor(gallery)

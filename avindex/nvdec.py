@@ -234,7 +234,9 @@ class NvdecClipReader:
         cfg: EmbedConfig,
         sessions: SessionFactory,
         device: torch.device,
+        expected: int | None = None,
     ) -> None:
+        """`videos` are taken lazily; `expected` (their number, when known) sizes the pool."""
         if cfg.nvdec_sessions < 1:
             raise AvindexError(f"--sessions {cfg.nvdec_sessions}: must be at least 1")
         self.audio_cfg, self.video_cfg, self.cfg = audio_cfg, video_cfg, cfg
@@ -254,9 +256,8 @@ class NvdecClipReader:
         limits = PoolLimits(cfg.decode_stall_seconds, cfg.decode_memory_bytes)
         # No more demux workers than sessions: every video being demuxed has a session free or
         # one that finishes without more packets (so the byte bound cannot deadlock).
-        videos = list(videos)
-        workers = max(1, min(cfg.nvdec_sessions, len(videos)))
-        self.pool = WorkerPool(self._jobs(videos), workers, limits, buffer=256)
+        workers = cfg.nvdec_sessions if expected is None else min(cfg.nvdec_sessions, expected)
+        self.pool = WorkerPool(self._jobs(videos), max(1, workers), limits, buffer=256)
         self.threads = [threading.Thread(target=self._route, name="avindex-nvdec-router")]
         self.threads += [
             threading.Thread(target=self._serve, name=f"avindex-nvdec-{i}", daemon=True)
@@ -274,7 +275,7 @@ class NvdecClipReader:
         while not self.closed.is_set():
             with contextlib.suppress(queue.Empty):
                 index = self.retry.get_nowait()
-                threads = ClipReader.threads_for(self.cfg, self.cfg.decode_workers)
+                threads = ClipReader.threads_for(self.cfg, None)
                 args = (self.records[index].path, hop, acfg, vcfg, threads)
                 yield Job((index, DECODER), decode_video, args)
                 continue
@@ -540,16 +541,17 @@ def clip_reader(
     video_cfg: VideoConfig,
     cfg: EmbedConfig,
     device: str,
+    expected: int | None = None,
 ) -> ClipReader | NvdecClipReader:
     """The reader for `device`: NVDEC sessions on CUDA (cfg.nvdec, PyNvVideoCodec present),
-    PyAV decoder processes otherwise."""
+    PyAV decoder processes otherwise. `expected`: the number of videos, when known."""
     if device == "cuda" and cfg.nvdec:
         sessions, why = default_sessions()
         if sessions is not None:
             target = torch.device("cuda", torch.cuda.current_device())
-            return NvdecClipReader(videos, audio_cfg, video_cfg, cfg, sessions, target)
+            return NvdecClipReader(videos, audio_cfg, video_cfg, cfg, sessions, target, expected)
         log.warning("NVDEC not used: %s; frames are decoded by PyAV", why)
-    return ClipReader(videos, audio_cfg, video_cfg, cfg)
+    return ClipReader(videos, audio_cfg, video_cfg, cfg, expected)
 
 
 __all__ = [

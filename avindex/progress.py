@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from avindex.embed import EmbedReport
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from avindex.embed import EmbedReport
 
 
 class EmbedProgress:
@@ -20,8 +20,6 @@ class EmbedProgress:
 
     def __enter__(self) -> EmbedProgress:
         if self.enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
             self._progress = Progress(
                 TextColumn("embed"),
                 BarColumn(),

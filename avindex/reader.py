@@ -123,29 +123,31 @@ class ClipReader:
         audio_cfg: AudioConfig,
         video_cfg: VideoConfig,
         cfg: EmbedConfig,
+        expected: int | None = None,
     ) -> None:
-        videos = list(videos)
+        """`videos` are taken lazily, as decoders become free; `expected` (their number, when
+        known) lets fewer videos than decoders share out every core."""
         self.records: dict[int, VideoRecord] = {}
         self.sent: dict[int, int] = {}
-        threads = self.threads_for(cfg, len(videos))
+        threads = self.threads_for(cfg, expected)
         jobs = self._jobs(videos, audio_cfg, video_cfg, cfg.hop, threads)
         limits = PoolLimits(cfg.decode_stall_seconds, cfg.decode_memory_bytes)
         buffer = max(2, cfg.prefetch_batches * cfg.batch_size // CHUNK_CLIPS)
-        workers = max(1, min(cfg.decode_workers, len(videos)))
-        self.pool = WorkerPool(jobs, workers, limits, buffer=buffer)
+        workers = cfg.decode_workers if expected is None else min(cfg.decode_workers, expected)
+        self.pool = WorkerPool(jobs, max(1, workers), limits, buffer=buffer)
 
     @staticmethod
-    def threads_for(cfg: EmbedConfig, videos: int) -> int:
+    def threads_for(cfg: EmbedConfig, expected: int | None) -> int:
         """FFmpeg threads per decoder: cfg.decode_threads, or (0) the cores over the decoders
         that have a video (a single long file is decoded with every core)."""
         if cfg.decode_threads > 0:
             return cfg.decode_threads
-        workers = max(1, min(cfg.decode_workers, videos))
-        return max(1, (os.cpu_count() or 1) // workers)
+        workers = cfg.decode_workers if expected is None else min(cfg.decode_workers, expected)
+        return max(1, (os.cpu_count() or 1) // max(1, workers))
 
     def _jobs(
         self,
-        videos: list[tuple[int, VideoRecord]],
+        videos: Iterable[tuple[int, VideoRecord]],
         audio_cfg: AudioConfig,
         video_cfg: VideoConfig,
         hop: float,

@@ -289,12 +289,16 @@ class Searcher:
         k = min(k, max(1, index.index.ntotal))  # no more results than the index holds
         scores, ids = search_vectors(index, np.stack([r.vector for r in group]), k)
         found = np.unique(ids[ids >= 0])
-        refs = {ref.id: ref for ref in self.store.clips(found)}
+        # An index built before duplicates were hidden may still hold a hidden copy's rows.
+        shown = found[self.store.visible(found)]
+        refs = {ref.id: ref for ref in self.store.clips(shown)}
         for r, row_scores, row_ids in zip(group, scores, ids, strict=True):
+            kept = [
+                (float(s), int(i)) for s, i in zip(row_scores, row_ids, strict=True) if i in refs
+            ]
             r.hits = [
-                Hit(rank, float(s), int(i), refs[i].path, refs[i].t0, refs[i].has_audio)
-                for rank, (s, i) in enumerate(zip(row_scores, row_ids, strict=True), 1)
-                if i >= 0
+                Hit(rank, s, i, refs[i].path, refs[i].t0, refs[i].has_audio)
+                for rank, (s, i) in enumerate(kept, 1)
             ]
 
     def close(self) -> None:

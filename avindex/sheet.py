@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from avindex.config import AudioConfig, VideoConfig
+from avindex.decode import clip_moment, read_moments
 from avindex.errors import AvindexError
+from avindex.media import MediaError
+from avindex.pipelines import reference_log_spectrograms
 
 if TYPE_CHECKING:
-    from PIL import Image, ImageDraw, ImageFont
-
-    from avindex.search import Result
+    from avindex.search import Result  # search draws sheets through the CLI, not the reverse
 
 TILE_W, TILE_H = 192, 144
 LINE_H = 15  # caption line height at FONT_SIZE
@@ -40,8 +42,6 @@ def sheet_size(rows: int, cols: int) -> tuple[int, int]:
 
 
 def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the fixed-size bitmap font
@@ -50,8 +50,6 @@ def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
 
 def spectrogram_picture(windows: np.ndarray, audio_cfg: AudioConfig) -> np.ndarray:
     """RGB picture (low frequencies at the bottom) of up to SPEC_SECONDS query windows."""
-    from avindex.pipelines import reference_log_spectrograms
-
     specs = reference_log_spectrograms(windows[:SPEC_SECONDS], audio_cfg)
     db = np.concatenate(list(specs), axis=1)[::-1]
     level = np.clip((db - (db.max() - SPEC_RANGE_DB)) / SPEC_RANGE_DB, 0.0, 1.0)
@@ -63,8 +61,6 @@ def spectrogram_picture(windows: np.ndarray, audio_cfg: AudioConfig) -> np.ndarr
 def _fit(picture: np.ndarray | None, label: str, stretch: bool = False) -> Image.Image:
     """A tile: the picture scaled to fit (aspect kept and centred unless `stretch`), or a
     labelled placeholder."""
-    from PIL import Image, ImageDraw, ImageOps
-
     if picture is None:
         tile = Image.new("RGB", (TILE_W, TILE_H), (55, 55, 60))
         draw = ImageDraw.Draw(tile)
@@ -97,9 +93,6 @@ def result_frames(
 ) -> dict[tuple[str, float], np.ndarray | None]:
     """Frames at t0 + half a clip of each (path, t0), one read_moments pass per video; a video
     that cannot be read (moved since embedding) gives None."""
-    from avindex.decode import clip_moment, read_moments
-    from avindex.media import MediaError
-
     by_path: dict[str, set[float]] = defaultdict(set)
     for path, t0 in wanted:
         by_path[path].add(t0)
@@ -151,8 +144,6 @@ def write_sheet(
     per_row: int,
 ) -> Path:
     """Write a PNG: one row per successful query, its picture then up to `per_row` result frames."""
-    from PIL import Image, ImageDraw
-
     rows = [r for r in results if r.error is None]
     if not rows:
         raise AvindexError(f"{out}: no query succeeded, so there is no contact sheet to draw")

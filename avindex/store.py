@@ -1,125 +1,42 @@
-"""Sharded HDF5 embedding store: shards written atomically, read in blocks, ids mapped to clips."""
+"""Sharded HDF5 embedding store: writers flush immutable shards (with their catalog entries), the
+reader maps global clip ids to shard rows and shows each video's clips once."""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import logging
 import os
-import socket
 import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+import h5py
 import numpy as np
 
+from avindex.catalog import CATALOG_DIR, Catalog, shard_names, write_entry
 from avindex.config import EmbedConfig
+from avindex.durable import STALE_TMP_SECONDS, TMP_SUFFIX, WriterId, durable_tmp, stale_tmp
 from avindex.errors import AvindexError
+from avindex.shard import (
+    MODALITIES,
+    READ_ERRORS,
+    SHARD_GLOB,
+    BufferedVideo,
+    ShardSummary,
+    StoreMeta,
+    VideoEntry,
+    VideoKey,
+    VideoRecord,
+    check_modality,
+    new_shard_name,
+    one_line,
+    write_shard,
+)
 
-if TYPE_CHECKING:
-    import h5py
+CLAIMS_DIR = "claims"  # per-video claims of running writers (avindex.claims)
 
-SCHEMA_VERSION = 1
-SHARD_GLOB = "shard-*.h5"
-TMP_SUFFIX = ".tmp"
-MODALITIES = ("visual", "audio")
-CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: large enough for fast block reads, small for random rows
-STALE_TMP_SECONDS = 3600.0  # a foreign .tmp older than this belongs to a dead writer
-_VIDEO_COLUMNS = ("path", "size", "mtime", "duration", "n_clips", "status", "error")
-
-
-@dataclass(frozen=True)
-class StoreMeta:
-    """What all shards of one store must agree on: the model, its configs, dims and the clip hop."""
-
-    model_sha256: str
-    visual_dim: int
-    audio_dim: int
-    hop: float
-    model_config: dict[str, Any] = field(default_factory=dict)
-    audio_config: dict[str, Any] = field(default_factory=dict)
-    video_config: dict[str, Any] = field(default_factory=dict)
-    embed_config: dict[str, Any] = field(default_factory=dict)
-    # How to get the model back for queries: {"path": checkpoint} or {"random": {...}}; search
-    # checks the rebuilt model's sha256 against model_sha256, so this is a hint, not identity.
-    model_source: dict[str, Any] = field(default_factory=dict)
-    preset: str | None = None  # the model's preset (None: unknown, e.g. an older store)
-
-    def dim(self, modality: str) -> int:
-        """Embedding size of one modality."""
-        return self.audio_dim if check_modality(modality) == "audio" else self.visual_dim
-
-    def to_attrs(self) -> dict[str, Any]:
-        """HDF5 attributes (configs as JSON strings)."""
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "model_sha256": self.model_sha256,
-            "visual_dim": self.visual_dim,
-            "audio_dim": self.audio_dim,
-            "hop": self.hop,
-            "model_config": json.dumps(self.model_config),
-            "audio_config": json.dumps(self.audio_config),
-            "video_config": json.dumps(self.video_config),
-            "embed_config": json.dumps(self.embed_config),
-            "model_source": json.dumps(self.model_source),
-            "preset": self.preset or "",
-        }
-
-    @classmethod
-    def from_attrs(cls, attrs: Any) -> StoreMeta:
-        """Rebuild from a shard's HDF5 attributes."""
-        return cls(
-            model_sha256=str(attrs["model_sha256"]),
-            visual_dim=int(attrs["visual_dim"]),
-            audio_dim=int(attrs["audio_dim"]),
-            hop=float(attrs["hop"]),
-            model_config=json.loads(attrs["model_config"]),
-            audio_config=json.loads(attrs["audio_config"]),
-            video_config=json.loads(attrs["video_config"]),
-            embed_config=json.loads(attrs["embed_config"]),
-            model_source=json.loads(attrs.get("model_source", "{}")),
-            preset=str(attrs.get("preset", "")) or None,
-        )
-
-    def mismatch(self, other: StoreMeta) -> str | None:
-        """Why `other` cannot share a store with this meta, or None when compatible."""
-        for name in ("model_sha256", "visual_dim", "audio_dim", "hop"):
-            if getattr(self, name) != getattr(other, name):
-                return f"{name} {getattr(other, name)!r} != {getattr(self, name)!r}"
-        return None
-
-
-@dataclass(frozen=True)
-class VideoRecord:
-    """A source video as the store identifies it: resolved path, size and mtime (resume key)."""
-
-    path: str
-    size: int
-    mtime: float
-    duration: float
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str], duration: float) -> VideoRecord:
-        """Record for a file on disk (absolute resolved path, current size and mtime)."""
-        resolved = Path(path).resolve()
-        st = resolved.stat()
-        return cls(str(resolved), int(st.st_size), float(st.st_mtime), float(duration))
-
-    @property
-    def key(self) -> tuple[str, int, float]:
-        """Resume key: a file whose size or mtime changed is embedded again."""
-        return (self.path, self.size, self.mtime)
-
-
-@dataclass(frozen=True)
-class VideoEntry(VideoRecord):
-    """One row of a shard's videos table: the record plus what embedding made of it."""
-
-    n_clips: int
-    status: str  # 'done' | 'failed'
-    error: str
-    shard: str
+log = logging.getLogger("avindex.store")
 
 
 @dataclass(frozen=True)
@@ -133,37 +50,6 @@ class ClipRef:
     shard: str
 
 
-def check_modality(modality: str) -> str:
-    """Validate a modality name ('visual' or 'audio')."""
-    if modality not in MODALITIES:
-        raise AvindexError(f"modality {modality!r}: expected one of {', '.join(MODALITIES)}")
-    return modality
-
-
-def _chunk_rows(n: int, row_bytes: int) -> int:
-    """Rows per chunk so one chunk is about CHUNK_BYTES, never more than the dataset holds."""
-    return max(1, min(n, CHUNK_BYTES // max(1, row_bytes)))
-
-
-def _write_rows(h5: h5py.File, name: str, data: np.ndarray) -> None:
-    """Write a dataset chunked by rows when it is not empty (HDF5 cannot chunk zero rows)."""
-    if len(data) == 0:
-        h5.create_dataset(name, data=data)
-        return
-    row_bytes = data.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))
-    chunks = (_chunk_rows(len(data), row_bytes), *data.shape[1:])
-    h5.create_dataset(name, data=data, chunks=chunks)
-
-
-def _fsync_path(path: Path) -> None:
-    """Flush a file or directory to disk so a rename after it survives a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class StoreWriter:
     """Buffers whole videos and writes them as immutable shards (tmp file + atomic rename)."""
 
@@ -173,24 +59,41 @@ class StoreWriter:
         meta: StoreMeta,
         shard_clips: int = EmbedConfig.shard_clips,
         shard_seconds: float = EmbedConfig.shard_seconds,
+        on_flush: Callable[[list[VideoKey]], None] | None = None,
     ) -> None:
-        """Open `store_dir` (created if missing) for writing; refuses a store of another model."""
+        """Open `store_dir` (created if missing) for writing; refuses a store of another model.
+
+        `on_flush(keys)` is called after each shard is durably in place with the keys of the
+        videos it holds (e.g. `WorkQueue.written`, which releases their claims).
+        """
         self.dir = Path(store_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.meta = meta
         self.shard_clips = shard_clips
         self.shard_seconds = shard_seconds
+        self.on_flush = on_flush
         self.shards_written: list[str] = []
-        existing = sorted(self.dir.glob(SHARD_GLOB))
-        if existing:
-            _check_compatible(meta, existing[0])
-        self._host = _host_tag()
+        self._check_compatible()
+        self._writer = WriterId.current()
         self._write_failed = False
         self._reset()
 
+    def _check_compatible(self) -> None:
+        """Compare with the first readable shard (an unreadable one says nothing about models)."""
+        catalog = Catalog(self.dir)
+        for name in shard_names(self.dir):
+            catalog.read([name])
+            if name in catalog.summaries:
+                why = catalog.summaries[name].meta.mismatch(self.meta)
+                if why:
+                    raise AvindexError(
+                        f"{self.dir}: store was embedded with another model or settings ({why}); "
+                        "use a new --store directory or remove the old shards"
+                    )
+                return
+
     def _reset(self) -> None:
-        self._videos: list[tuple[VideoRecord, int, str, str]] = []  # record, n_clips, status, error
-        self._rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._videos: list[BufferedVideo] = []
         self._n_rows = 0
         self._first_at: float | None = None
 
@@ -213,13 +116,15 @@ class StoreWriter:
             )
         if len(has_audio) != n:
             raise ValueError(f"{record.path}: has_audio has {len(has_audio)} rows, expected {n}")
-        self._videos.append((record, n, "done", ""))
-        self._rows.append(
-            (
-                visual.astype(np.float16),
-                audio.astype(np.float16),
-                np.asarray(has_audio, dtype=bool),
-                np.asarray(t0, dtype=np.float32),
+        self._videos.append(
+            BufferedVideo(
+                record=record,
+                status="done",
+                error="",
+                visual=visual.astype(np.float16),
+                audio=audio.astype(np.float16),
+                has_audio=np.asarray(has_audio, dtype=bool),
+                t0=np.asarray(t0, dtype=np.float32),
             )
         )
         self._n_rows += n
@@ -227,13 +132,15 @@ class StoreWriter:
 
     def add_failure(self, record: VideoRecord, reason: str) -> None:
         """Record a video that could not be embedded, with its one-line reason."""
-        self._videos.append((record, 0, "failed", reason))
-        self._rows.append(
-            (
-                np.zeros((0, self.meta.visual_dim), np.float16),
-                np.zeros((0, self.meta.audio_dim), np.float16),
-                np.zeros(0, bool),
-                np.zeros(0, np.float32),
+        self._videos.append(
+            BufferedVideo(
+                record=record,
+                status="failed",
+                error=reason,
+                visual=np.zeros((0, self.meta.visual_dim), np.float16),
+                audio=np.zeros((0, self.meta.audio_dim), np.float16),
+                has_audio=np.zeros(0, bool),
+                t0=np.zeros(0, np.float32),
             )
         )
         self._after_add()
@@ -246,56 +153,38 @@ class StoreWriter:
             self.flush()
 
     def flush(self) -> str | None:
-        """Write the buffered videos as one shard now; returns its file name (None if empty)."""
+        """Write the buffered videos as one shard now; returns its file name (None if empty).
+
+        Order: shard to a tmp file, its catalog entry (durably), fsync, rename into place, fsync
+        the folder, then `on_flush`. A crash before the rename leaves only an entry whose shard
+        does not exist, which readers ignore.
+        """
         if not self._videos:
             return None
-        name = f"shard-{time.time_ns():020d}-{self._host}-{os.getpid()}-{uuid.uuid4().hex[:8]}.h5"
-        final = self.dir / name
-        tmp = self.dir / (name + TMP_SUFFIX)
+        name = new_shard_name(self._writer)
         try:
-            self._write_shard(tmp)
-            _fsync_path(tmp)
-            os.replace(tmp, final)
+            with durable_tmp(self.dir / name) as tmp:
+                summary = write_shard(tmp, self.meta, self._videos, self._writer)
+                self._write_entry(name, summary, tmp.stat())
         except OSError as exc:
             self._write_failed = True  # close() must not retry and bury this error
             raise AvindexError(
-                f"{self.dir}: cannot write a shard ({exc.strerror or exc}); free space or fix "
-                "permissions and run again: finished shards are kept and resume skips them"
+                f"{self.dir}: cannot write a shard ({exc.strerror or one_line(exc)}); free space "
+                "or fix permissions and run again: finished shards are kept and resume skips them"
             ) from exc
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        _fsync_path(self.dir)
+        keys = [v.record.key for v in self._videos]
         self.shards_written.append(name)
         self._reset()
+        if self.on_flush:
+            self.on_flush(keys)
         return name
 
-    def _write_shard(self, path: Path) -> None:
-        import h5py
-
-        video_ids = np.concatenate(
-            [np.full(len(r[3]), i, np.int32) for i, r in enumerate(self._rows)]
-        )
-        with h5py.File(path, "w") as h5:
-            for key, value in self.meta.to_attrs().items():
-                h5.attrs[key] = value
-            h5.attrs["writer"] = f"{self._host}:{os.getpid()}"
-            h5.attrs["created"] = time.time()
-            for col, name in enumerate(("visual", "audio", "has_audio", "t0")):
-                _write_rows(h5, name, np.concatenate([r[col] for r in self._rows]))
-            _write_rows(h5, "video", video_ids)
-            table = h5.create_group("videos")
-            str_type = h5py.string_dtype("utf-8")
-            recs = self._videos
-            table.create_dataset("path", data=[r.path for r, *_ in recs], dtype=str_type)
-            table.create_dataset("size", data=np.array([r.size for r, *_ in recs], np.int64))
-            table.create_dataset("mtime", data=np.array([r.mtime for r, *_ in recs], np.float64))
-            table.create_dataset(
-                "duration", data=np.array([r.duration for r, *_ in recs], np.float64)
-            )
-            table.create_dataset("n_clips", data=np.array([x[1] for x in recs], np.int64))
-            table.create_dataset("status", data=[x[2] for x in recs], dtype=str_type)
-            table.create_dataset("error", data=[x[3] for x in recs], dtype=str_type)
+    def _write_entry(self, name: str, summary: ShardSummary, stat: os.stat_result) -> None:
+        """The catalog entry; failing to write it does not fail the shard (readers rebuild it)."""
+        try:
+            write_entry(self.dir, name, summary, stat)
+        except OSError as exc:
+            log.warning("%s: cannot write the catalog entry of %s (%s)", self.dir, name, exc)
 
     def close(self) -> None:
         """Flush whatever is buffered (whole videos only), unless writing already failed."""
@@ -310,44 +199,33 @@ class StoreWriter:
         self.close()
 
 
-def _read_meta(path: Path) -> StoreMeta:
-    import h5py
-
-    with h5py.File(path, "r", locking=False) as h5:
-        version = int(h5.attrs.get("schema_version", -1))
-        if version > SCHEMA_VERSION or version < 1:
-            raise AvindexError(
-                f"{path}: store schema {version}, this avindex reads {SCHEMA_VERSION}; "
-                "upgrade avindex or embed again"
-            )
-        return StoreMeta.from_attrs(h5.attrs)
-
-
-def _check_compatible(meta: StoreMeta, shard: Path) -> None:
-    try:
-        other = _read_meta(shard)
-    except (OSError, KeyError):
-        return  # an unreadable shard is reported by Store, it says nothing about compatibility
-    why = other.mismatch(meta)
-    if why:
-        raise AvindexError(
-            f"{shard.parent}: store was embedded with another model or settings ({why}); "
-            "use a new --store directory or remove the old shards"
-        )
-
-
 @dataclass
 class _Shard:
     name: str
     path: Path
-    rows: int
     first_id: int
-    meta: StoreMeta
+    summary: ShardSummary
+    hidden: np.ndarray  # indices into the videos table of copies shown by an earlier shard
     _cols: dict[str, np.ndarray] | None = None
+    _visible: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def rows(self) -> int:
+        return self.summary.rows
+
+    @property
+    def meta(self) -> StoreMeta:
+        return self.summary.meta
 
 
 class Store:
-    """Read-only view of a store directory; clip ids are global rows, shards in `shard_order`."""
+    """Read-only view of a store directory; clip ids are global rows, shards in `shard_order`.
+
+    A video held by more than one shard (written twice before claims existed, or by a writer that
+    lost its claim) is shown once: the copy in the first shard in id order. The other copies'
+    rows keep their ids but are skipped by `iter_blocks` and `count` (so no index holds them) and
+    `visible` says which ids they are.
+    """
 
     def __init__(
         self, store_dir: str | os.PathLike[str], shard_order: Sequence[str] | None = None
@@ -355,18 +233,19 @@ class Store:
         """Open the complete shards of `store_dir`; `shard_order` fixes the id order of known ones.
 
         Shards named in `shard_order` come first in that order (an index records it, so ids never
-        shift); other shards follow sorted by name (= creation time). Unreadable shards are listed
-        in `warnings` and skipped.
+        shift); other shards follow sorted by name (= creation time). Unreadable shards are logged
+        (logger `avindex.store`), listed in `warnings` and skipped; an unreadable shard named in
+        `shard_order` is an error.
         """
         self.dir = Path(store_dir)
         if not self.dir.is_dir():
             raise AvindexError(f"{self.dir}: no such store directory; run `avindex embed` first")
-        self.warnings: list[str] = []
         self.blocks_read = 0  # blocks served by iter_blocks; tests use it to check streaming
         self.max_block_rows = 0
-        names = sorted(p.name for p in self.dir.glob(SHARD_GLOB))
+        names = shard_names(self.dir)
         ordered = list(shard_order or [])
-        missing = [n for n in ordered if n not in names]
+        present = set(names)
+        missing = [n for n in ordered if n not in present]
         if missing:
             raise AvindexError(
                 f"{self.dir}: shard {missing[0]} is missing ({len(missing)} in all); "
@@ -374,38 +253,51 @@ class Store:
             )
         known = set(ordered)
         ordered += [n for n in names if n not in known]
+        catalog = Catalog(self.dir)
+        catalog.read(ordered)
+        self.warnings = [
+            f"{self.dir / n}: unreadable shard skipped ({why})" for n, why in catalog.errors.items()
+        ]
+        for name in ordered:
+            if name in known and name in catalog.errors:
+                raise AvindexError(
+                    f"{self.dir / name}: indexed shard is unreadable ({catalog.errors[name]}); "
+                    f"run `avindex check {self.dir} --repair`, then rebuild the index"
+                )
         self.shards: list[_Shard] = []
         first = 0
-        for name in ordered:
-            path = self.dir / name
-            try:
-                meta, rows = self._open_shard(path)
-            except (OSError, KeyError, ValueError) as exc:
-                if name in known:
-                    raise AvindexError(
-                        f"{path}: indexed shard is unreadable ({exc}); rebuild the index"
-                    ) from exc
-                self.warnings.append(f"{path}: unreadable shard skipped ({exc})")
-                continue
+        for name in (n for n in ordered if n in catalog.summaries):
+            summary = catalog.summaries[name]
             if self.shards:
-                why = self.shards[0].meta.mismatch(meta)
+                why = self.shards[0].meta.mismatch(summary.meta)
                 if why:
                     raise AvindexError(
-                        f"{path}: shard does not match the rest of the store ({why}); "
+                        f"{self.dir / name}: shard does not match the rest of the store ({why}); "
                         "move it to its own store directory"
                     )
-            self.shards.append(_Shard(name, path, rows, first, meta))
-            first += rows
+            self.shards.append(_Shard(name, self.dir / name, first, summary, np.zeros(0, int)))
+            first += summary.rows
         self.num_clips = first
         self._starts = np.array([s.first_id for s in self.shards], np.int64)
+        self.hidden_clips = self._hide_duplicates()
 
-    @staticmethod
-    def _open_shard(path: Path) -> tuple[StoreMeta, int]:
-        import h5py
-
-        meta = _read_meta(path)
-        with h5py.File(path, "r", locking=False) as h5:
-            return meta, int(h5["visual"].shape[0])
+    def _hide_duplicates(self) -> int:
+        """Mark every copy of a video after its first (in id order) hidden; returns hidden rows."""
+        seen: set[VideoKey] = set()
+        hidden_rows = 0
+        for shard in self.shards:
+            table = shard.summary.videos
+            hidden = []
+            for i, (key, n) in enumerate(zip(table.keys(), table.n_clips, strict=True)):
+                if n == 0:
+                    continue  # failures have no rows to hide
+                if key in seen:
+                    hidden.append(i)
+                    hidden_rows += n
+                else:
+                    seen.add(key)
+            shard.hidden = np.array(hidden, np.int64)
+        return hidden_rows
 
     @property
     def meta(self) -> StoreMeta:
@@ -419,19 +311,50 @@ class Store:
         """Shard file names in id order."""
         return [s.name for s in self.shards]
 
-    def _columns(self, shard: _Shard) -> dict[str, np.ndarray]:
-        """Small per-clip columns and the videos table of a shard, read once and cached."""
-        if shard._cols is None:
-            import h5py
+    @contextlib.contextmanager
+    def _reading(self, shard: _Shard) -> Iterator[None]:
+        """Turn a read error of a damaged shard into one line naming it and what to do."""
+        try:
+            yield
+        except READ_ERRORS as exc:
+            raise AvindexError(
+                f"{shard.path}: cannot read the shard ({one_line(exc)}); "
+                f"run `avindex check {self.dir}`"
+            ) from exc
 
-            with h5py.File(shard.path, "r", locking=False) as h5:
-                shard._cols = {
+    def _columns(self, shard: _Shard) -> dict[str, np.ndarray]:
+        """Small per-clip columns and the video paths of a shard, read once and cached."""
+        if shard._cols is None:
+            with self._reading(shard), h5py.File(shard.path, "r", locking=False) as h5:
+                cols = {
                     "video": h5["video"][:],
                     "t0": h5["t0"][:],
                     "has_audio": h5["has_audio"][:],
-                    "paths": np.array(h5["videos/path"].asstr()[:], dtype=object),
                 }
+            if any(len(c) != shard.rows for c in cols.values()):
+                raise AvindexError(
+                    f"{shard.path}: shard changed since it was catalogued; "
+                    f"run `avindex check {self.dir}`"
+                )
+            cols["paths"] = np.array(shard.summary.videos.path, dtype=object)
+            shard._cols = cols
         return shard._cols
+
+    def _visible_rows(self, shard: _Shard) -> np.ndarray | None:
+        """Row mask of a shard's visible rows (None when it hides none)."""
+        if not len(shard.hidden):
+            return None
+        if shard._visible is None:
+            shard._visible = ~np.isin(self._columns(shard)["video"], shard.hidden)
+        return shard._visible
+
+    def _mask(self, shard: _Shard, modality: str) -> np.ndarray | None:
+        """Rows of a shard that `iter_blocks` yields (None: all of them)."""
+        visible = self._visible_rows(shard)
+        if modality == "visual":
+            return visible
+        has_audio = self._columns(shard)["has_audio"]
+        return has_audio if visible is None else has_audio & visible
 
     def _select(self, shards: Sequence[str] | None) -> list[_Shard]:
         if shards is None:
@@ -440,11 +363,18 @@ class Store:
         return [s for s in self.shards if s.name in wanted]
 
     def count(self, modality: str, shards: Sequence[str] | None = None) -> int:
-        """Rows iter_blocks yields for a modality: all clips, or for audio those with real audio."""
-        chosen = self._select(shards)
-        if check_modality(modality) == "visual":
-            return sum(s.rows for s in chosen)
-        return sum(int(self._columns(s)["has_audio"].sum()) for s in chosen)
+        """Rows iter_blocks yields for a modality: visible clips, for audio those with real audio.
+
+        Answered from the catalog; only shards hiding duplicate copies are read.
+        """
+        check_modality(modality)
+        total = 0
+        for shard in self._select(shards):
+            if not len(shard.hidden):
+                total += shard.rows if modality == "visual" else shard.summary.audio_rows
+            else:
+                total += int(self._mask(shard, modality).sum())
+        return total
 
     def iter_blocks(
         self,
@@ -452,28 +382,26 @@ class Store:
         block_rows: int = 65_536,
         shards: Sequence[str] | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream (ids int64, vectors float32) blocks in id order; audio skips clips without audio.
+        """Stream (ids int64, vectors float32) blocks in id order; audio skips clips without audio,
+        both skip hidden duplicate copies.
 
         Only one block is in memory at a time; `shards` limits the walk to those shard names.
         """
-        import h5py
-
         check_modality(modality)
         for shard in self._select(shards):
-            mask = self._columns(shard)["has_audio"] if modality == "audio" else None
-            with h5py.File(shard.path, "r", locking=False) as h5:
-                data = h5[modality]
-                for start in range(0, shard.rows, block_rows):
-                    stop = min(start + block_rows, shard.rows)
-                    vectors = data[start:stop].astype(np.float32)
-                    ids = np.arange(start, stop, dtype=np.int64) + shard.first_id
-                    if mask is not None:
-                        keep = mask[start:stop]
-                        vectors, ids = vectors[keep], ids[keep]
-                    self.blocks_read += 1
-                    self.max_block_rows = max(self.max_block_rows, stop - start)
-                    if len(ids):
-                        yield ids, vectors
+            mask = self._mask(shard, modality)
+            for start in range(0, shard.rows, block_rows):
+                stop = min(start + block_rows, shard.rows)
+                with self._reading(shard), h5py.File(shard.path, "r", locking=False) as h5:
+                    vectors = h5[modality][start:stop].astype(np.float32)
+                ids = np.arange(start, stop, dtype=np.int64) + shard.first_id
+                if mask is not None:
+                    keep = mask[start:stop]
+                    vectors, ids = vectors[keep], ids[keep]
+                self.blocks_read += 1
+                self.max_block_rows = max(self.max_block_rows, stop - start)
+                if len(ids):
+                    yield ids, vectors
 
     def _locate(self, ids: np.ndarray) -> np.ndarray:
         """Shard index of each clip id; out-of-range ids are a user error."""
@@ -486,10 +414,20 @@ class Store:
             )
         return np.searchsorted(self._starts, ids, side="right") - 1
 
+    def visible(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Whether each clip id is shown (False for a hidden duplicate copy of a video)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        where = self._locate(ids)
+        out = np.ones(len(ids), bool)
+        for s in np.unique(where):
+            mask = self._visible_rows(self.shards[s])
+            if mask is not None:
+                pos = np.nonzero(where == s)[0]
+                out[pos] = mask[ids[pos] - self.shards[s].first_id]
+        return out
+
     def vectors(self, ids: Sequence[int] | np.ndarray, modality: str) -> np.ndarray:
         """Vectors (len(ids), D) float32 of the given clip ids, in the order given."""
-        import h5py
-
         ids = np.asarray(ids, dtype=np.int64)
         where = self._locate(ids)
         out = np.zeros((len(ids), self.meta.dim(check_modality(modality))), np.float32)
@@ -498,7 +436,7 @@ class Store:
             pos = np.nonzero(where == s)[0]
             rows = ids[pos] - shard.first_id
             uniq, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing rows
-            with h5py.File(shard.path, "r", locking=False) as h5:
+            with self._reading(shard), h5py.File(shard.path, "r", locking=False) as h5:
                 out[pos] = h5[modality][uniq].astype(np.float32)[inverse]
         return out
 
@@ -526,65 +464,44 @@ class Store:
         """ClipRef of one clip id."""
         return self.clips([clip_id])[0]
 
-    def videos(self) -> dict[tuple[str, int, float], VideoEntry]:
-        """Union of all shards' videos tables keyed by (path, size, mtime); 'done' wins ties."""
-        import h5py
-
-        out: dict[tuple[str, int, float], VideoEntry] = {}
+    def videos(self) -> dict[VideoKey, VideoEntry]:
+        """Union of all shards' videos tables keyed by (path, size, mtime); 'done' wins ties and
+        among copies the first shard's (the shown one) wins. Answered from the catalog."""
+        out: dict[VideoKey, VideoEntry] = {}
         for shard in self.shards:
-            with h5py.File(shard.path, "r", locking=False) as h5:
-                table = h5["videos"]
-                cols = {
-                    c: table[c].asstr()[:] if c in ("path", "status", "error") else table[c][:]
-                    for c in _VIDEO_COLUMNS
-                }
-            for i in range(len(cols["path"])):
-                entry = VideoEntry(
-                    path=str(cols["path"][i]),
-                    size=int(cols["size"][i]),
-                    mtime=float(cols["mtime"][i]),
-                    duration=float(cols["duration"][i]),
-                    n_clips=int(cols["n_clips"][i]),
-                    status=str(cols["status"][i]),
-                    error=str(cols["error"][i]),
-                    shard=shard.name,
-                )
+            for entry in shard.summary.videos.entries(shard.name):
                 if entry.key not in out or out[entry.key].status != "done":
                     out[entry.key] = entry
         return out
 
 
 def clear_tmp(store_dir: str | os.PathLike[str], max_age: float = STALE_TMP_SECONDS) -> list[str]:
-    """Remove leftover shard .tmp files of dead writers; returns the names removed.
+    """Remove leftover tmp files of dead writers (shards, catalog entries, claims); returns their
+    paths relative to the store.
 
-    Other writers may be busy in the same store, so a .tmp is removed only when its writer was a
+    Other writers may be busy in the same store, so a tmp is removed only when its writer was a
     process of this host that no longer runs, or when it is older than `max_age` seconds.
     """
-    host = _host_tag()
+    root = Path(store_dir)
     removed = []
-    for tmp in Path(store_dir).glob(SHARD_GLOB + TMP_SUFFIX):
-        parts = tmp.name.split("-")  # shard-<time>-<host>-<pid>-<uuid>.h5.tmp
-        try:
-            stale = time.time() - tmp.stat().st_mtime > max_age
-            dead = len(parts) == 5 and parts[2] == host and not _pid_alive(int(parts[3]))
-        except (OSError, ValueError):
-            continue
-        if stale or dead:
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp.name)
+    for folder in (root, root / CATALOG_DIR, root / CLAIMS_DIR):
+        for tmp in sorted(folder.glob("*" + TMP_SUFFIX)) if folder.is_dir() else []:
+            if stale_tmp(tmp, max_age):
+                tmp.unlink(missing_ok=True)
+                removed.append(str(tmp.relative_to(root)))
     return removed
 
 
-def _host_tag() -> str:
-    """Host name without '-' so shard names split cleanly into their parts."""
-    return socket.gethostname().replace("-", "_").replace("/", "_") or "host"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+__all__ = [
+    "MODALITIES",
+    "SHARD_GLOB",
+    "ClipRef",
+    "Store",
+    "StoreMeta",
+    "StoreWriter",
+    "VideoEntry",
+    "VideoKey",
+    "VideoRecord",
+    "check_modality",
+    "clear_tmp",
+]

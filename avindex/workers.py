@@ -10,13 +10,18 @@ consumer, up to a limit) and replaces a worker that died or stalled.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import itertools
-import multiprocessing as mp
+import json
 import os
 import pickle
 import queue
+import resource
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -27,7 +32,6 @@ from typing import Any
 
 from avindex.errors import AvindexError
 
-_CONTEXT = mp.get_context("spawn")  # no fork: the parent may hold threads, CUDA and DALI state
 _POLL = 0.2  # seconds between checks for stalled workers and a closed pool
 _MAX_FAILED_STARTS = 3  # workers dying before they are ready: the machine, not a file, is at fault
 
@@ -59,10 +63,12 @@ class Done:
 
 @dataclass(frozen=True)
 class Failed:
-    """A job failed: a one-line reason (its exception, or how its worker died)."""
+    """A job failed: a one-line reason (its exception, or how its worker died), and the job's own
+    exception when it raised a picklable one (None for crashes and stalls)."""
 
     key: Hashable
     reason: str
+    error: BaseException | None = None
 
 
 Event = Item | Done | Failed
@@ -77,6 +83,8 @@ class PoolLimits:
 
     stall_seconds: float | None = 300.0
     memory_bytes: int | None = 8 << 30  # RLIMIT_AS: an allocation past it fails that job
+    quiet: bool = False  # silence the worker's stdout/stderr (HDF5 prints error stacks)
+    role: str = "decoder"  # what failure reasons call the worker ("decoder crashed (SIGSEGV)")
 
 
 def _signal_name(code: int | None) -> str:
@@ -90,9 +98,7 @@ def _worker_main(conn: Connection, limits: PoolLimits) -> None:
     """Worker process: run jobs from `conn` until it closes, streaming results back."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if limits.memory_bytes:
-        with contextlib.suppress(ValueError, OSError, ImportError):
-            import resource
-
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
     conn.send(("ready", None, None))
     while True:
@@ -116,15 +122,65 @@ def _worker_main(conn: Connection, limits: PoolLimits) -> None:
         except (EOFError, BrokenPipeError):
             return
         except AvindexError as exc:
-            conn.send(("failed", key, str(exc)))
+            _send_failure(conn, key, str(exc), exc)
         except MemoryError:
-            conn.send(("failed", key, "out of memory while decoding (limit reached)"))
+            _send_failure(conn, key, "out of memory while decoding (limit reached)", None)
         except Exception as exc:  # whatever a file does, it fails that job only
             where = traceback.extract_tb(exc.__traceback__)[-1]
             text = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            conn.send(
-                ("failed", key, f"{text} (at {os.path.basename(where.filename)}:{where.lineno})")
-            )
+            where_text = f"{os.path.basename(where.filename)}:{where.lineno}"
+            _send_failure(conn, key, f"{text} (at {where_text})", exc)
+
+
+def _send_failure(conn: Connection, key: Hashable, reason: str, exc: BaseException | None) -> None:
+    """Report a failed job, with its exception when that survives pickling."""
+    try:
+        pickle.dumps(exc)
+    except Exception:  # an exception holding unpicklable state travels as its text only
+        exc = None
+    conn.send(("failed", key, (reason, exc)))
+
+
+class _Process:
+    """A worker interpreter, `python -m avindex.workers FD LIMITS`, talking over a socket.
+
+    Not multiprocessing's spawn: its children re-import the parent's main script (a benchmark
+    that imports torch made every decoder 270 MB) and cannot start from a script read on stdin.
+    Not fork either: the parent may hold threads, CUDA and DALI state.
+    """
+
+    def __init__(self, limits: PoolLimits) -> None:
+        parent, child = socket.socketpair()
+        paths = [p for p in sys.path if p and os.path.exists(p)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+        argv = [sys.executable, "-m", "avindex.workers", str(child.fileno())]
+        argv.append(json.dumps(dataclasses.asdict(limits)))
+        out = subprocess.DEVNULL if limits.quiet else None
+        self.popen = subprocess.Popen(
+            argv,
+            pass_fds=[child.fileno()],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+        child.close()
+        self.conn = Connection(parent.detach())
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.kill()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.returncode
 
 
 @dataclass
@@ -164,13 +220,8 @@ class WorkerPool:
         self._thread.start()
 
     def _spawn(self) -> _Worker:
-        parent, child = _CONTEXT.Pipe(duplex=True)
-        process = _CONTEXT.Process(
-            target=_worker_main, args=(child, self._limits), name="avindex-worker", daemon=True
-        )
-        process.start()
-        child.close()
-        return _Worker(process, parent)
+        process = _Process(self._limits)
+        return _Worker(process, process.conn)
 
     def events(self) -> Iterator[Event]:
         """Events until every job is finished (blocks while workers are busy)."""
@@ -215,9 +266,9 @@ class WorkerPool:
             busy = [w for w in self._workers if w.job is not None]
             if exhausted and not busy:
                 return
-            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], _POLL)
+            ready = wait([w.conn for w in busy], _POLL)  # a dead worker's socket reads EOF
             for worker in busy:
-                if worker.conn in ready or worker.process.sentinel in ready:
+                if worker.conn in ready:
                     self._receive(worker)
             self._check_stalls()
 
@@ -241,7 +292,10 @@ class WorkerPool:
                     worker.started, self._failed_starts = True, 0
                     continue
                 waited = time.monotonic()
-                event = {"item": Item, "done": Done, "failed": Failed}[kind](key, value)
+                if kind == "failed":
+                    event: Event = Failed(key, *value)
+                else:
+                    event = (Item if kind == "item" else Done)(key, value)
                 if not self._put(event):
                     return
                 if kind != "item":
@@ -253,18 +307,19 @@ class WorkerPool:
                 if worker.job is None:
                     return
         except (EOFError, OSError, pickle.UnpicklingError):
-            pass  # the worker died mid-message: its job fails below
-        if not worker.process.is_alive() and worker.job is not None:
+            # The worker died (perhaps mid-message): wait for its exit status, fail its job.
+            worker.process.join(5.0)
+            worker.process.kill()
             worker.process.join()
             how = _signal_name(worker.process.exitcode)
             if not worker.started:
                 self._failed_starts += 1
                 if self._failed_starts >= _MAX_FAILED_STARTS:
                     raise AvindexError(
-                        f"cannot start media worker processes ({how}); run avindex from a "
-                        "script file or the command line (spawned workers re-import it)"
-                    )
-            self._replace(worker, f"decoder crashed ({how})")
+                        f"cannot start media worker processes ({how}); check that "
+                        f"`{sys.executable} -m avindex.workers` can import avindex"
+                    ) from None
+            self._replace(worker, f"{self._limits.role} crashed ({how})")
 
     def _check_stalls(self) -> None:
         limit = self._limits.stall_seconds
@@ -273,7 +328,7 @@ class WorkerPool:
             if limit and worker.job is not None and now - worker.last_heard > limit:
                 worker.process.kill()
                 worker.process.join()
-                self._replace(worker, f"decoder stalled (no progress for {limit:g} s)")
+                self._replace(worker, f"{self._limits.role} stalled (no progress for {limit:g} s)")
 
     def _replace(self, worker: _Worker, reason: str | None) -> None:
         """Start a fresh process in `worker`'s place; its job (if any) fails with `reason`."""
@@ -338,18 +393,25 @@ class Sandbox:
             box.append(event)
             done.set()
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)` in a worker: its return value, or AvindexError with why it failed."""
+    def run(self, fn: Callable[..., Any], *args: Any) -> Done | Failed:
+        """`fn(*args)` in a worker: how it ended (its value, or why and with what it failed)."""
         if self._closed.is_set():
-            raise AvindexError("internal: the media sandbox is closed")
+            raise AvindexError("internal: the sandbox is closed")
         key, done, box = next(self._keys), threading.Event(), []
         with self._lock:
             self._waiting[key] = (done, box)
         self._submitted.put(Job(key, fn, args))
         done.wait()
-        (event,) = box
+        return box[0]
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in a worker: its return value; its own AvindexError is raised again, any
+        other failure (a crash, a stall, a bug) as an AvindexError with the reason."""
+        event = self.run(fn, *args)
         if isinstance(event, Failed):
-            raise AvindexError(event.reason)
+            raise (
+                event.error if isinstance(event.error, AvindexError) else AvindexError(event.reason)
+            )
         return event.value
 
     def close(self) -> None:
@@ -388,3 +450,7 @@ __all__ = [
     "WorkerPool",
     "run_isolated",
 ]
+
+
+if __name__ == "__main__":
+    _worker_main(Connection(int(sys.argv[1])), PoolLimits(**json.loads(sys.argv[2])))

@@ -12,8 +12,8 @@
 # sweep over 1, 2, 4, 7, 14, 21 sessions, the physical limit (engines x per-engine rate), the
 # skip-non-reference gain on NVDEC, DALI's batched decoder for comparison; embed at 720p and
 # 1080p (each video copied so 14+ sessions have work) with the decoder used per video and NVDEC
-# utilisation; full-width bf16 training pairs/s and data wait; serve's query latency where the
-# server exists.
+# utilisation; full-width bf16 training pairs/s and data wait; serve's query latency (CUDA
+# encoding) where the serve extra, httpx2 and faiss are installed.
 #
 # Wheels (Python 3.12, manylinux x86_64) come from .whl/: av, PyNvVideoCodec (its wheel carries
 # an FFmpeg source tarball and samples avindex does not use: `zip -d .whl/pynvvideocodec-*.whl
@@ -176,11 +176,24 @@ section bench-hevc 60 "${AVINDEX[@]}" "${BENCH[@]}" --videos "$CORPUS/hevc" --st
 # Full-width training (the device's preset) at a batch that fills the GPU; TRAIN_BATCH to change.
 section bench-train 70 "${AVINDEX[@]}" "${BENCH[@]}" --stage train --train-batch "${TRAIN_BATCH:-$TB}" \
     "${TRAIN_CORPUS[@]}" --json "$OUT/bench_train.json"
-if "$PYTHON" -c 'import avindex.serve' 2>/dev/null && [ -f benchmarks/serve_latency.py ]; then
-    section serve-latency 40 "$PYTHON" benchmarks/serve_latency.py --device "$DEVICE"
+# Serve: query latency with the model encoding on CUDA (SearchConfig.device auto), 1 and 8 clients.
+SERVE_MISSING=$("$PYTHON" - <<'PY'
+import importlib
+missing = []
+for name in ("avindex.serve.app", "httpx2", "faiss"):
+    try:
+        importlib.import_module(name)
+    except Exception:
+        missing.append(name)
+print(" ".join(missing))
+PY
+)
+if [ -z "$SERVE_MISSING" ] && [ -f benchmarks/serve_load.py ]; then
+    section serve-latency 90 "$PYTHON" benchmarks/serve_load.py --clips 20000 --seconds 5 \
+        --levels 1,8 --baseline-seconds 10 --json "$OUT/serve_load.json"
 else
-    log "SKIP serve-latency: avindex.serve / benchmarks/serve_latency.py are not in this code (the server has not landed); not measured"
-    echo "serve-latency: skipped (no avindex.serve in this code)" >> "$OUT/summary.txt"
+    log "SKIP serve-latency: cannot import ${SERVE_MISSING:-benchmarks/serve_load.py} here (carry the serve extra's wheels, httpx2 and faiss-cpu to measure it); not measured"
+    echo "serve-latency: skipped (missing ${SERVE_MISSING:-serve_load.py})" >> "$OUT/summary.txt"
 fi
 
 log "done in $(( $(date +%s) - START ))s"

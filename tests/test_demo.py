@@ -44,7 +44,7 @@ def test_demo_trains_on_the_device_it_was_given(tmp_path, monkeypatch):
     """`avindex demo --device cpu` trains on the CPU too, not only embeds and searches there."""
     import dataclasses
 
-    from avindex import train
+    from avindex import demo
 
     class Stop(Exception):
         """Ends the demo once training was asked for."""
@@ -55,9 +55,32 @@ def test_demo_trains_on_the_device_it_was_given(tmp_path, monkeypatch):
         seen["device"] = preset.train.device
         raise Stop
 
-    monkeypatch.setattr(train, "train", fake_train)
+    monkeypatch.setattr(demo, "train", fake_train)
     corpus = SynthConfig(videos=2, seconds=2, classes=2, seed=5, width=32, height=24)
     cfg = dataclasses.replace(TINY, corpus=corpus, out=str(tmp_path / "demo"), device="cpu")
     with pytest.raises(Stop):
         run_demo(cfg, say=lambda _: None)
     assert seen == {"device": "cpu"}
+
+
+def test_demo_never_clears_a_folder_it_did_not_make(tmp_path):
+    """`avindex demo --out .` in a project folder must not delete a model or a store."""
+    from avindex.demo import DEMO_FOLDERS, prepare_out
+    from avindex.errors import AvindexError
+
+    project = tmp_path / "project"
+    for name in DEMO_FOLDERS:
+        (project / name).mkdir(parents=True)
+        (project / name / "precious.pt").write_bytes(b"trained for a week")
+    with pytest.raises(AvindexError, match="did not write"):
+        prepare_out(project)
+    assert all((project / name / "precious.pt").exists() for name in DEMO_FOLDERS)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AvindexError, match="is a file"):
+        prepare_out(tmp_path / "file")
+    fresh = prepare_out(tmp_path / "new")
+    (fresh / "run").mkdir()
+    assert prepare_out(tmp_path / "new") == fresh and not (fresh / "run").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert prepare_out(empty) == empty.resolve()

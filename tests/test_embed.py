@@ -26,6 +26,7 @@ from avindex.scan import find_media
 from avindex.store import Store
 
 CFG = EmbedConfig(device="cpu", batch_size=16, decode_workers=2)
+FP16_RTOL = 2**-11  # float16 rounding: half an ulp of an 11-bit significand
 
 
 def checkpoint():
@@ -108,9 +109,12 @@ def test_batched_embeddings_match_per_clip_reference(small_corpus, tmp_path):
         visual = ckpt.model.encode_visual(frames).numpy()
         audio = ckpt.model.encode_audio(torch.from_numpy(specs[:, None]).float()).numpy()
     ids = np.arange(store.num_clips)
-    # float16 storage and the DALI/PIL resampling difference bound the gap; vectors are unit norm.
-    np.testing.assert_allclose(store.vectors(ids, "visual"), visual, atol=3e-2)
-    np.testing.assert_allclose(store.vectors(ids, "audio"), audio, atol=3e-2)
+    # Frames arrive at the preset's scale, so DALI only crops and normalises, as the reference
+    # does: the gap is float16 storage (half an ulp: 2^-11 relative, measured equal to it for the
+    # visual rows) plus, for audio, DALI's spectrogram vs numpy's (measured up to 1e-4 on
+    # quiet clips, whose low dB bins differ most).
+    np.testing.assert_allclose(store.vectors(ids, "visual"), visual, rtol=FP16_RTOL, atol=1e-7)
+    np.testing.assert_allclose(store.vectors(ids, "audio"), audio, rtol=FP16_RTOL, atol=2e-4)
 
 
 KILLABLE = textwrap.dedent(

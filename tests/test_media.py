@@ -294,3 +294,77 @@ def test_audio_only_reading_gives_the_same_windows(media_zoo):
         for x, y in zip(both, alone, strict=True):
             np.testing.assert_array_equal(x.audio, y.audio, err_msg=name)
             assert x.has_audio == y.has_audio
+
+
+@pytest.mark.parametrize("channels", [8, 9, 24, 63])
+def test_many_channel_wav_mixes_down_without_crashing(tmp_path, channels: int) -> None:
+    """PyAV's planar frames of 8+ channels crashed the process (SIGSEGV); packed float does not."""
+    path = mf.write_wav(tmp_path / f"ch{channels}.wav", 1.5, 16_000, channels)
+    got = decode_audio(path, 16_000)
+    want = mf.mono_reference(np.arange(len(got)) / 16_000, channels)
+    assert rel_error(got[100:-100], want[100:-100]) < 1e-3
+    assert probe(path).error == "no video stream (audio only)"
+
+
+def test_71_aac_video_probes_and_reads(media_zoo) -> None:
+    path = media_zoo["audio71.mp4"][0]
+    info = probe(path)
+    assert info.usable and info.channels == 8 and not info.warnings
+    data = list(read_moments(path, clip_moments(info.duration), AUDIO, VIDEO))
+    assert len(data) == 3 and all(d.has_audio for d in data)
+
+
+def test_extreme_aspect_video_is_refused_in_one_line(tmp_path) -> None:
+    """A 2.5 kB 4096x16 video would be 48 MiB per frame once scaled to a 256 px short side."""
+    path = tmp_path / "strip.mp4"
+    write_video(path, mf.make_frames(25, (4096, 16)), 25.0, mf.soundtrack(1.0, 48_000, 1))
+    assert "aspect ratio beyond 8:1" in probe(path).error
+    with pytest.raises(MediaError, match="aspect ratio beyond 8:1"):
+        list(read_moments(path, [Moment(0.5, 0.0)], AUDIO, VIDEO))
+
+
+def test_a_lying_wav_costs_bounded_memory(tmp_path) -> None:
+    """A 200 kB WAV of 1,000 s at 100 Hz was resampled whole to 48 kHz (820 MB); a query now
+    decodes at most max_seconds. Rates that are not sound (1 Hz) are refused."""
+    mf.write_wav(tmp_path / "slow.wav", 1000.0, 100, 1)  # below the 2 kHz floor: refused
+    with pytest.raises(MediaError, match="100 Hz is outside"):
+        decode_audio(tmp_path / "slow.wav", 48_000, max_seconds=300)
+    long = mf.write_wav(tmp_path / "long.wav", 600.0, 2_000, 1)
+    tracemalloc.start()
+    samples = decode_audio(long, 48_000, max_seconds=60)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(samples) == 60 * 48_000
+    assert peak < 80 << 20, f"{peak >> 20} MiB for a 60 s query"
+
+
+def test_seek_reads_the_same_moment_without_decoding_what_precedes_it(tmp_path, monkeypatch):
+    """read_moments(seek=True) (one result of a long video) gives the frame and audio a full
+    pass gives, starting from the keyframe before the moment instead of the file's start."""
+    from avindex import decode
+
+    path = tmp_path / "long.mp4"  # 10 s, keyframes every 2 s (write_video's GOP)
+    write_video(path, mf.make_frames(250, (96, 64)), 25.0, mf.soundtrack(10.0, 48_000, 2))
+    decoded = []
+    add_video = decode._MomentReader.add_video
+    monkeypatch.setattr(
+        decode._MomentReader, "add_video", lambda self, f: decoded.append(f) or add_video(self, f)
+    )
+    moments = [Moment(7.32, 6.8), Moment(8.52, 8.0)]
+    full = list(read_moments(path, moments, AUDIO, VIDEO, skip=False))
+    from_start = len(decoded)
+    decoded.clear()
+    sought = list(read_moments(path, moments, AUDIO, VIDEO, skip=False, seek=True))
+    assert len(decoded) < from_start - 50  # began at the 4 s keyframe, not at 0 s
+    for a, b in zip(full, sought, strict=True):
+        assert (
+            mf.decode_index(a.frame) == mf.decode_index(b.frame) == round(a.moment.frame_time * 25)
+        )
+        t = a.moment.audio_start + np.arange(AUDIO.n_samples) / AUDIO.sample_rate
+        assert rel_error(b.audio, mf.mono_reference(t, 2)) < 0.06
+        np.testing.assert_allclose(b.audio, a.audio, atol=1e-3)
+        assert b.has_audio
+    # A moment within the margin of the start is read from the start (nothing to skip).
+    decoded.clear()
+    (early,) = read_moments(path, [Moment(0.5, 0.0)], AUDIO, VIDEO, skip=False, seek=True)
+    assert mf.decode_index(early.frame) == round(0.5 * 25) and decoded[0].pts == 0

@@ -240,7 +240,7 @@ def test_embed_report_counts_decoders_and_fallbacks(media_zoo, tmp_path, monkeyp
     from avindex import embed
     from avindex.embed import embed_paths
 
-    def reader(videos, audio_cfg, video_cfg, cfg, device):
+    def reader(videos, audio_cfg, video_cfg, cfg, device, expected=None):
         return NvdecClipReader(videos, audio_cfg, video_cfg, cfg, PyAVSession, CPU)
 
     monkeypatch.setattr(embed, "clip_reader", reader)

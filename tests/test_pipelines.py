@@ -128,7 +128,7 @@ def test_eval_frames_resize_close_to_pil_bilinear() -> None:
 
 
 def test_partial_batches_and_many_runs_stay_correct() -> None:
-    # feed_input with a deep prefetch queue fails on the 2nd run (DESIGN.md): run many times,
+    # feed_input with a deep prefetch queue fails on the 2nd run: run many times,
     # with every batch size and both the resize and no-resize paths.
     pre = Preprocessor(AUDIO, SMALL, batch_size=5)
     audio = make_signals(AUDIO, n=5)

@@ -394,6 +394,13 @@ def bad_inputs(media_store: Path, small_corpus: Path, tmp_path_factory) -> dict[
         json.dumps({**info, "model_sha256": "x" * 64})
     )
     save_checkpoint(out / "other.pt", random_checkpoint(0.125, seed=1).model)
+    Image.new("RGB", (2000, 1)).save(out / "line.png")  # 90 bytes; 93 MiB once scaled
+    with open(out / "huge.npy", "wb") as fh:  # a header claiming 10^12 floats, 16 bytes of data
+        header = {"descr": "<f4", "fortran_order": False, "shape": (10**12,)}
+        np.lib.format.write_array_header_1_0(fh, header)
+        fh.write(bytes(16))
+    np.savez(out / "vec.npz", v=np.zeros(128, np.float32))
+    (out / "nested.json").write_text("[" * 100_000 + "]" * 100_000)
     return {"dir": out, "unindexed": unindexed, "other_index": other_index}
 
 
@@ -411,6 +418,11 @@ BAD_QUERIES = {
     "bad --in": (["--clip", "1", "--in", "sound"], "--in 'sound'"),
     "audio by visual": (["--audio", "{dir}/text.wav", "--by", "visual"], "is audio"),
     "k zero": (["--clip", "1", "-k", "0"], "must be at least 1"),
+    "clip id beyond int64": (["--clip", "99999999999999999999999"], "expected a clip id"),
+    "2000x1 picture": (["--image", "{dir}/line.png"], "aspect ratio beyond 8:1"),
+    "npy claiming 10^12 floats": (["--vector", "{dir}/huge.npy"], "(1000000000000,)"),
+    "npz instead of npy": (["--vector", "{dir}/vec.npz"], "not a .npy array"),
+    "deeply nested batch": (["--batch", "{dir}/nested.json"], "nested too deeply"),
     "other model": (["--audio", "{flac}", "--model", "{dir}/other.pt"], "another model"),
     "not a checkpoint": (
         ["--image", "{png}", "--model", "{dir}/text.wav"],

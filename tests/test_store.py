@@ -7,48 +7,27 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from storefactory import fake_video, make_meta
 
+from avindex import store as store_module
+from avindex.config import IndexConfig
+from avindex.durable import WriterId
 from avindex.errors import AvindexError
+from avindex.index import build_index, load_index, search_vectors
+from avindex.shard import ShardError, summarize
 from avindex.store import (
     ClipRef,
     Store,
     StoreMeta,
     StoreWriter,
     VideoRecord,
-    _host_tag,
     clear_tmp,
 )
-
-DIM = 8
-
-
-def make_meta(sha: str = "abc123", dim: int = DIM) -> StoreMeta:
-    """A small store meta for tests."""
-    return StoreMeta(
-        model_sha256=sha,
-        visual_dim=dim,
-        audio_dim=dim,
-        hop=1.0,
-        model_config={"width": 0.125, "head": "contrastive"},
-        embed_config={"hop": 1.0},
-    )
-
-
-def fake_video(i: int, n: int, dim: int = DIM, seed: int = 0):
-    """(record, visual, audio, has_audio, t0) of a made-up video with n clips."""
-    rng = np.random.default_rng(seed * 100_003 + i)
-    record = VideoRecord(path=f"/videos/v{i:04d}.mp4", size=1000 + i, mtime=1.5e9 + i, duration=n)
-    visual = rng.standard_normal((n, dim)).astype(np.float32)
-    audio = rng.standard_normal((n, dim)).astype(np.float32)
-    has_audio = (np.arange(n) + i) % 3 != 0
-    t0 = np.arange(n, dtype=np.float64)
-    return record, visual, audio, has_audio, t0
 
 
 def test_round_trip_and_id_mapping(tmp_path: Path) -> None:
@@ -142,10 +121,11 @@ def test_leftover_tmp_and_unreadable_shard_are_not_visible(tmp_path: Path) -> No
     # A writer that died mid-write on this host: its pid no longer exists.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    tmp = tmp_path / f"shard-{time.time_ns():020d}-{_host_tag()}-{dead.pid}-deadbeef.h5.tmp"
+    me = WriterId.current()
+    tmp = tmp_path / f"shard-1.h5.{WriterId(me.host, dead.pid, 1).tag}-deadbeef.tmp"
     tmp.write_bytes(b"half a shard")
     # A .tmp of a live writer (this process) must survive clear_tmp.
-    live = tmp_path / f"shard-{time.time_ns():020d}-{_host_tag()}-{os.getpid()}-cafef00d.h5.tmp"
+    live = tmp_path / f"shard-2.h5.{me.tag}-cafef00d.tmp"
     live.write_bytes(b"being written")
     (tmp_path / "shard-99999999999999999999-x-1-00000000.h5").write_bytes(b"garbage")
     store = Store(tmp_path)
@@ -159,7 +139,7 @@ WRITER_SCRIPT = textwrap.dedent(
     """
     import sys, time
     sys.path[:0] = [{tests!r}, {root!r}]
-    from test_store import fake_video, make_meta
+    from storefactory import fake_video, make_meta
     from avindex.store import Store, StoreWriter
     done = {{e.key for e in Store({store!r}).videos().values()}} if {resume} else set()
     with StoreWriter({store!r}, make_meta(), shard_clips=40) as writer:
@@ -264,12 +244,84 @@ def test_a_failed_shard_write_is_one_error_and_leaves_no_tmp(tmp_path, monkeypat
     rows = np.ones((2, 4), np.float32)
     writer.add_video(VideoRecord("/v.mp4", 1, 0.0, 2.0), rows, rows, np.ones(2, bool), [0.0, 1.0])
 
-    def full(path):
+    def full(path, *args):
         Path(path).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(writer, "_write_shard", full)
+    monkeypatch.setattr(store_module, "write_shard", full)
     with pytest.raises(AvindexError, match="No space left"):
         writer.flush()
     writer.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def _rows(store: Store, ids) -> list[tuple[str, float]]:
+    return [(c.path, c.t0) for c in store.clips(ids)]
+
+
+def test_a_video_stored_twice_is_shown_once_and_ids_stay_put(tmp_path: Path) -> None:
+    """Two writers embedded videos 3 and 4 both (before claims existed): the later copies are
+    hidden from blocks, counts and indexes; every id keeps pointing at the same row."""
+    with StoreWriter(tmp_path, make_meta()) as writer:
+        for i in range(5):
+            writer.add_video(*fake_video(i, 4))
+    before = Store(tmp_path)
+    ids_before = np.arange(before.num_clips)
+    rows_before = _rows(before, ids_before)
+    with StoreWriter(tmp_path, make_meta()) as writer:
+        for i in range(3, 8):
+            writer.add_video(*fake_video(i, 4))
+    store = Store(tmp_path)
+    assert (store.num_clips, store.hidden_clips) == (40, 8)
+    assert _rows(store, ids_before) == rows_before  # visible ids did not move
+    hidden = np.arange(20, 28)  # videos 3 and 4 of the second shard
+    visible = np.setdiff1d(np.arange(40), hidden)
+    np.testing.assert_array_equal(store.visible(np.arange(40)), np.isin(np.arange(40), visible))
+    has_audio = np.array([c.has_audio for c in store.clips(visible)])
+    for modality, expected in (("visual", visible), ("audio", visible[has_audio])):
+        ids = np.concatenate([b[0] for b in store.iter_blocks(modality, block_rows=3)])
+        np.testing.assert_array_equal(ids, expected)
+        assert store.count(modality) == len(ids)
+    shown = _rows(store, visible)
+    assert len(set(shown)) == len(shown) == 32
+    assert store.videos()[fake_video(3, 4)[0].key].shard == store.shard_names[0]
+
+
+def test_the_copy_in_the_first_shard_in_id_order_is_the_one_shown(tmp_path: Path) -> None:
+    for _ in range(2):
+        with StoreWriter(tmp_path, make_meta()) as writer:
+            writer.add_video(*fake_video(0, 3))
+    first, second = Store(tmp_path).shard_names
+    by_name = Store(tmp_path)
+    assert by_name.visible([0, 1, 2, 3, 4, 5]).tolist() == [True] * 3 + [False] * 3
+    indexed_order = Store(tmp_path, shard_order=[second, first])  # e.g. the order of an index
+    assert indexed_order.visible([0, 1, 2, 3, 4, 5]).tolist() == [True] * 3 + [False] * 3
+    assert indexed_order.clip(0).shard == second
+
+
+def test_an_index_of_a_store_with_copies_never_returns_a_hidden_clip(tmp_path: Path) -> None:
+    for first in (0, 2):  # videos 2 and 3 are stored twice
+        with StoreWriter(tmp_path, make_meta()) as writer:
+            for i in range(first, first + 4):
+                writer.add_video(*fake_video(i, 5))
+    store = Store(tmp_path)
+    build_index(tmp_path, IndexConfig(factory="Flat", device="cpu"), modality="visual")
+    index = load_index(tmp_path, "visual", "cpu")
+    assert index.index.ntotal == store.count("visual") == 30
+    queries = store.vectors(np.arange(store.num_clips), "visual")
+    _, ids = search_vectors(index, queries, 40)
+    found = ids[ids >= 0]
+    assert store.visible(found).all() and len(np.unique(found)) == 30
+
+
+def test_string_headers_claiming_more_than_the_file_are_refused_at_once(tmp_path: Path) -> None:
+    with StoreWriter(tmp_path, make_meta()) as writer:
+        writer.add_video(*fake_video(0, 3))
+    (path,) = tmp_path.glob("shard-*.h5")
+    with h5py.File(path, "r") as h5:
+        offset = h5["videos/status"].id.get_offset()
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 4] = (1 << 31).to_bytes(4, "little")  # "this string is 2 GiB long"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="strings outside the file"):
+        summarize(path)

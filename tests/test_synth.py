@@ -6,6 +6,7 @@ import colorsys
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,14 +153,26 @@ def test_cli_synth_and_probe(tmp_path, media_zoo) -> None:
 
 
 def test_cli_usage_errors(monkeypatch, tmp_path, capsys) -> None:
-    """A missing path or a bad --size is a one-line error with exit code 2."""
-    for argv in (["probe", str(tmp_path / "nope")], ["synth", str(tmp_path), "--size", "big"]):
-        monkeypatch.setattr(sys, "argv", ["avindex", *argv])
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main()
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err
-        assert err.startswith("avindex: error:") and err.count("\n") == 1
+    """A bad --size is a one-line error with exit code 2."""
+    monkeypatch.setattr(sys, "argv", ["avindex", "synth", str(tmp_path), "--size", "big"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("avindex: error:") and err.count("\n") == 1
+
+
+def test_probe_reports_a_missing_path_and_goes_on(monkeypatch, media_zoo, tmp_path, capsys):
+    """`avindex probe a.mp4 missing.mp4` reports both (the missing one as unusable), exit 1."""
+    good = media_zoo["h264_aac.mp4"][0]
+    argv = ["avindex", "probe", str(tmp_path / "nope.mp4"), str(good), "--json"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 1
+    report = {Path(i["path"]).name: i for i in json.loads(capsys.readouterr().out)}
+    assert report["nope.mp4"]["error"] == "no such file or folder"
+    assert report["h264_aac.mp4"]["usable"]
 
 
 def test_load_labels_keeps_real_seconds_and_resolves_paths(tmp_path) -> None:

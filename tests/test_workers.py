@@ -67,13 +67,16 @@ def test_jobs_stream_in_order_and_a_crash_fails_only_its_job() -> None:
         assert items[("count", i)] == list(range(i * 7))
         assert ends[("count", i)] == Done(("count", i), i * 7)
     assert isinstance(ends["segv"], Failed) and "SIGSEGV" in ends["segv"].reason
-    assert ends["error"] == Failed("error", "bad file: no video")
+    error = ends["error"]
+    assert isinstance(error, Failed) and error.reason == "bad file: no video"
+    assert type(error.error) is AvindexError, "the job's own exception comes back"
+    assert ends["segv"].error is None
     assert ends["square"] == Done("square", 144)
 
 
 def test_a_stalled_worker_is_killed_and_replaced() -> None:
     jobs = [Job("hang", hang), Job("after", square, (3,))]
-    with WorkerPool(jobs, workers=1, limits=PoolLimits(stall_seconds=1.0)) as pool:
+    with WorkerPool(jobs, workers=1, limits=PoolLimits(stall_seconds=4.0)) as pool:
         _, ends = _collect(pool)
     assert "stalled" in ends["hang"].reason and ends["after"] == Done("after", 9)
 

@@ -80,7 +80,7 @@ def read_all(
     """embed's decode stage alone: every clip of every file through ClipReader (its processes,
     its threads), nothing embedded. Returns each video's VideoRead."""
     records = [(i, VideoRecord(str(p), 0, 0.0, 0.0)) for i, p in enumerate(paths)]
-    with ClipReader(records, audio_cfg, video_cfg, cfg) as reader:
+    with ClipReader(records, audio_cfg, video_cfg, cfg, len(records)) as reader:
         return [event for event in reader if isinstance(event, VideoRead)]
 
 

@@ -1,0 +1,41 @@
+"""The isolated shard reader: answers from a child process, survives shards that crash or hang
+it, and is what keeps a damaged shard from stopping a command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from storefactory import crash, fake_video, hang, make_meta
+
+from avindex import isolated
+from avindex.shard import ShardError, summarize, verify
+from avindex.store import StoreWriter
+
+
+@pytest.fixture
+def shard(tmp_path: Path) -> Path:
+    with StoreWriter(tmp_path, make_meta()) as writer:
+        writer.add_video(*fake_video(0, 3))
+    (path,) = tmp_path.glob("shard-*.h5")
+    return path
+
+
+def test_answers_equal_reading_in_process(shard: Path) -> None:
+    assert isolated.call(summarize, shard) == summarize(shard)
+    assert isolated.call(verify, shard) == verify(shard)
+
+
+def test_a_shard_that_hangs_or_crashes_the_reader_is_one_shard_error(shard: Path) -> None:
+    with pytest.raises(ShardError, match="shard reader stalled"):
+        isolated.call(hang, shard, timeout=1.0)
+    assert isolated.call(summarize, shard).rows == 3  # a new child took over
+    with pytest.raises(ShardError, match=r"shard reader crashed \(SIGSEGV\)"):
+        isolated.call(crash, shard)
+    assert isolated.call(summarize, shard).rows == 3
+
+
+def test_errors_of_the_function_come_back_as_shard_errors(tmp_path: Path) -> None:
+    (tmp_path / "shard-x.h5").write_bytes(b"not hdf5")
+    with pytest.raises(ShardError, match="file signature not found"):
+        isolated.call(summarize, tmp_path / "shard-x.h5")
