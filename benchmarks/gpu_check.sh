@@ -145,8 +145,10 @@ if dali_gpu_ok; then log "DALI GPU: available"; else log "DALI GPU: NOT availabl
 "$PYTHON" -c 'from avindex.nvdec import default_sessions; s, why = default_sessions(); print("NVDEC sessions:", why)' || true
 
 # Corpora: natural-looking (texture, camera motion, moving objects), encoder defaults.
-if [ "$QUICK" = 1 ]; then SECS=3; NV=2; HSECS=2; S720=320x180; S1080=480x270; COPIES=2; TB=16; TRAIN_CORPUS=(--count 2 --seconds 10)
-else SECS=60; NV=4; HSECS=30; S720=1280x720; S1080=1920x1080; COPIES=7; TB=256; TRAIN_CORPUS=(); fi
+# Copies: embed needs many videos in flight (14 sessions) and enough work that start-up (14 worker
+# processes) is a small share of it: 56 x 60 s at 720p, 28 x 60 s at 1080p.
+if [ "$QUICK" = 1 ]; then SECS=3; NV=2; HSECS=2; S720=320x180; S1080=480x270; C720=2; C1080=2; TB=16; TRAIN_CORPUS=(--count 2 --seconds 10)
+else SECS=60; NV=4; HSECS=30; S720=1280x720; S1080=1920x1080; C720=14; C1080=7; TB=256; TRAIN_CORPUS=(); fi
 CORPUS=${CORPUS:-/tmp/avindex-gpu-corpus}
 synth() { timeout --kill-after=5 240 "${AVINDEX[@]}" synth "$@" --natural --fps 30 > /dev/null; }
 # Encoding is CPU work: it runs beside the GPU tests (the corpora are waited for below).
@@ -164,11 +166,11 @@ wait_corpus() {  # wait_corpus NAME PID
 BENCH=(bench --device "$DEVICE" --repeats 1)
 wait_corpus 720p $P720
 # 720p: PyAV bounds, NVDEC sweep + physical limit + skip gain, DALI, bf16 towers, embed (each
-# video $COPIES times, so every session has work) with its decoders and NVDEC utilisation.
-section bench-720p 130 "${AVINDEX[@]}" "${BENCH[@]}" --videos "$CORPUS/720p" --copies $COPIES \
+# video $C720 times, so every session has work) with its decoders and NVDEC utilisation.
+section bench-720p 130 "${AVINDEX[@]}" "${BENCH[@]}" --videos "$CORPUS/720p" --copies $C720 \
     --stage decode,model,embed --json "$OUT/bench_720p.json" --plot "$OUT/bench_720p.png"
 wait_corpus 1080p $P1080
-section bench-1080p 130 "${AVINDEX[@]}" "${BENCH[@]}" --videos "$CORPUS/1080p" --copies $COPIES \
+section bench-1080p 130 "${AVINDEX[@]}" "${BENCH[@]}" --videos "$CORPUS/1080p" --copies $C1080 \
     --stage decode,embed --json "$OUT/bench_1080p.json"
 wait_corpus hevc $PHEVC
 section bench-hevc 60 "${AVINDEX[@]}" "${BENCH[@]}" --videos "$CORPUS/hevc" --stage decode \
