@@ -325,3 +325,13 @@ def test_pynvvideocodec_skips_exactly_on_coded_streams(coded) -> None:
     cpu = _collect(list(ClipReader(_records(paths), AUDIO, TINY, cfg)))
     _assert_same_clips(gpu, cpu, paths)
     assert all(reads[i].decoder == "nvdec" for i in range(len(paths)))
+
+
+def test_a_packet_without_timestamp_is_an_nvdec_limit(coded) -> None:
+    """Such a worker failure sends the video to PyAV (NVDEC_UNFIT), not to the failed list."""
+    with av.open(str(coded["vp9.webm"])) as container:
+        export = PacketExport(container.streams.video[0])
+        packet = next(p for p in container.demux(video=0) if p.size)
+        packet.pts = None
+        with pytest.raises(ValueError, match=nvdec.NVDEC_UNFIT):
+            export.add(packet, needed=True)
