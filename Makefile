@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1; then \
-		$(VENV)/bin/pip install -q -e '.[gpu,dev]'; \
+		$(VENV)/bin/pip install -q -e '.[gpu,nvdec,dev]'; \
 	else \
 		$(VENV)/bin/pip install -q $(TORCH_CPU) && $(VENV)/bin/pip install -q -e '.[cpu,dev]'; \
 	fi

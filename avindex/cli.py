@@ -109,6 +109,17 @@ def _short(path: str) -> str:
     return rel if len(rel) < len(path) else path
 
 
+def _size(size: str | None) -> tuple[int | None, int | None]:
+    """--size WxH -> (width, height); (None, None) when not given."""
+    if size is None:
+        return None, None
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise AvindexError(f"--size {size!r}: expected WxH, e.g. 128x96") from None
+    return width, height
+
+
 @app.command()
 def synth(
     out: str = typer.Argument(..., help="Folder to write the corpus into."),
@@ -119,6 +130,13 @@ def synth(
     fmt: str = typer.Option(None, "--format", help="mp4 (H.264+AAC) or webm (VP9+Opus)."),
     size: str = typer.Option(None, help="Frame size WxH, e.g. 128x96."),
     fps: float = typer.Option(None, help="Frames per second."),
+    natural: bool = typer.Option(
+        False, help="Natural-looking benchmark videos (texture, camera motion; no labels)."
+    ),
+    codec: str = typer.Option(None, help="With --natural: h264 or hevc (encoder defaults)."),
+    loops: int = typer.Option(
+        None, help="With --natural: each video is --seconds encoded, played this many times."
+    ),
 ) -> None:
     """Write a synthetic audio-visual corpus with per-second class labels (labels.csv).
 
@@ -129,12 +147,30 @@ def synth(
     from avindex.config import SynthConfig, replace
     from avindex.synth import make_corpus
 
-    width = height = None
-    if size is not None:
-        try:
-            width, height = (int(v) for v in size.lower().split("x"))
-        except ValueError:
-            raise AvindexError(f"--size {size!r}: expected WxH, e.g. 128x96") from None
+    width, height = _size(size)
+    if natural:
+        from avindex.config import NaturalConfig
+        from avindex.natural import make_natural_corpus
+
+        ncfg = replace(
+            NaturalConfig(),
+            videos=videos,
+            seconds=seconds,
+            seed=seed,
+            width=width,
+            height=height,
+            fps=fps,
+            codec=codec,
+            loops=loops,
+        )
+        start = time.perf_counter()
+        made = make_natural_corpus(out, ncfg)
+        print(
+            f"wrote {len(made)} natural videos ({ncfg.seconds * ncfg.loops} s, "
+            f"{ncfg.width}x{ncfg.height}, "
+            f"{ncfg.codec}) in {time.perf_counter() - start:.1f} s"
+        )
+        return
     cfg = replace(
         SynthConfig(),
         videos=videos,
@@ -667,7 +703,18 @@ def bench(
     width: float = typer.Option(None, help="Tower width (default 0.125 on CPU, 1.0 on CUDA)."),
     repeats: int = typer.Option(None, help="Best of this many runs per measurement."),
     batch_size: int = typer.Option(None, help="embed batch size (clips per model batch)."),
-    workers: int = typer.Option(None, help="embed background decoder threads."),
+    workers: int = typer.Option(None, help="embed decoder processes."),
+    corpus: str = typer.Option(
+        None, help="Synthetic corpus: classes (default) or natural (x264 defaults, texture)."
+    ),
+    count: int = typer.Option(None, help="Videos in the synthetic corpus."),
+    seconds: int = typer.Option(None, help="Length of each synthetic video (s)."),
+    size: str = typer.Option(None, help="Synthetic frame size WxH, e.g. 1280x720."),
+    fps: float = typer.Option(None, help="Natural corpus frame rate."),
+    codec: str = typer.Option(None, help="Natural corpus codec: h264 or hevc."),
+    copies: int = typer.Option(None, help="Each video this many times (hard links)."),
+    sessions: int = typer.Option(None, help="embed NVDEC sessions in flight (CUDA)."),
+    train_batch: int = typer.Option(None, help="Training batch size (default: the preset's)."),
 ) -> None:
     """Measure every stage against its bound and a naive baseline, in one run, with targets.
 
@@ -681,8 +728,26 @@ def bench(
     from avindex.bench.runner import parse_stages, run_bench
     from avindex.config import BenchConfig, EmbedConfig, replace
 
-    cfg = replace(BenchConfig(), device=device, width=width, repeats=repeats)
-    embed_cfg = replace(EmbedConfig(), batch_size=batch_size, decode_workers=workers)
+    if corpus not in (None, "classes", "natural"):
+        raise AvindexError(f"--corpus {corpus}: choose classes or natural")
+    width_height = _size(size)
+    cfg = replace(
+        BenchConfig(),
+        device=device,
+        width=width,
+        repeats=repeats,
+        corpus=corpus,
+        videos=count,
+        seconds=seconds,
+        size=width_height if width_height[0] is not None else None,
+        fps=fps,
+        codec=codec,
+        copies=copies,
+        train_batch=train_batch,
+    )
+    embed_cfg = replace(
+        EmbedConfig(), batch_size=batch_size, decode_workers=workers, nvdec_sessions=sessions
+    )
     err = Console(stderr=True)
     with err.status("bench") as status:
         result = run_bench(

@@ -100,10 +100,15 @@ class EmbedConfig:
     # Decoder processes: half the cores (at least 2), so the towers keep the other half; on a
     # 16-core GPU host 8 decoders embedded 720p 1.36x faster than 2 (H200 run, README).
     decode_workers: int = field(default_factory=lambda: max(2, (os.cpu_count() or 2) // 2))
-    decode_threads: int = 1  # FFmpeg threads per decoder
+    # FFmpeg threads per decoder; 0: the cores shared among the decoders at work, so fewer
+    # videos than decoders (one long file) still use every core.
+    decode_threads: int = 0
     decode_stall_seconds: float = 300.0  # a decoder silent this long is killed (its video fails)
     decode_memory_bytes: int = 8 << 30  # address-space limit of a decoder process
-    nvdec: bool = True  # on CUDA, decode frames of NVDEC codecs on the GPU (DALI); PyAV otherwise
+    nvdec: bool = True  # on CUDA, decode frames of NVDEC codecs on the GPU; PyAV otherwise
+    # NVDEC sessions in flight (and demux workers feeding them): 2 per engine keeps every engine
+    # busy while one session waits for packets; an H200 has 7 engines.
+    nvdec_sessions: int = 14
     prefetch_batches: int = 4
     shard_clips: int = 16_384  # flush a shard once it holds this many clips...
     shard_seconds: float = 60.0  # ...or this long after its first video, to bound lost work
@@ -175,9 +180,15 @@ class BenchConfig:
     """`avindex bench`: corpus, model width, batch sweep, repeats and index sizes (a few minutes
     on 2 CPU cores by default)."""
 
-    videos: int = 8  # synthetic corpus (SynthConfig look) when no folder is given
+    videos: int = 8  # synthetic corpus when no folder is given
     seconds: int = 60  # long enough that embed start-up (model, DALI build) does not dominate
     size: tuple[int, int] = (128, 96)  # synthetic frame size (width, height)
+    corpus: str = "classes"  # classes (SynthConfig look) | natural (NaturalConfig look)
+    codec: str = "h264"  # natural corpus: h264 | hevc
+    fps: float = 30.0  # natural corpus frame rate
+    copies: int = 1  # each video appears this many times (hard links): work for many sessions
+    nvdec_sessions: tuple[int, ...] = (1, 2, 4, 7, 14, 21)  # NVDEC sweep (CUDA only)
+    naive_max_bytes: int = 4 << 30  # the naive pipeline holds every frame: bigger files skip it
     width: float | None = None  # tower width; None: the device's default preset's
     batch_sizes: tuple[int, ...] = (1, 8, 64)  # model sweep (the embed batch size is added)
     repeats: int = 2  # each rate is the best of this many runs (shared machines are noisy)
@@ -207,6 +218,21 @@ class SynthConfig:
     sample_rate: int = 48_000
     min_segment: int = 2  # whole seconds, so every second has exactly one class
     max_segment: int = 4
+
+
+@dataclass(frozen=True)
+class NaturalConfig:
+    """Natural-looking benchmark videos (avindex.natural): textured scenery, camera motion,
+    moving objects, encoded with x264/x265 defaults."""
+
+    videos: int = 4
+    seconds: int = 60
+    width: int = 1280
+    height: int = 720
+    fps: float = 30.0
+    codec: str = "h264"  # h264 (libx264) | hevc (libx265)
+    seed: int = 0
+    loops: int = 1  # each video is its encoded `seconds` played this many times (remuxed)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -276,6 +302,7 @@ __all__ = [
     "EvalConfig",
     "IndexConfig",
     "ModelConfig",
+    "NaturalConfig",
     "SearchConfig",
     "ServeConfig",
     "SynthConfig",

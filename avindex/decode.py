@@ -6,7 +6,10 @@ to know each frame's neighbours in presentation order (a few packets: the reorde
 whose time range holds no target is then decoded with libavcodec's skip_frame=NONREF, so the
 decoder drops it when no other frame refers to it (for intra-only codecs it is not decoded at all).
 Frames a clip needs are never skipped, so the chosen frames are exactly those of a full decode.
-See docs/architecture.md ("Decoding").
+
+The same pass can instead hand the planned video packets out (Annex-B, see avindex.bitstream) for
+an NVDEC session in the parent process to decode, reading the audio here; FramePicker is the one
+frame-choice rule both paths use. See docs/architecture.md ("Decoding").
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ from typing import NamedTuple
 import av
 import numpy as np
 
+from avindex.bitstream import (
+    PacketBatch,
+    PacketExport,
+    StreamHeader,
+    first_frame,
+    nvdec_unsupported,
+    stream_header,
+)
 from avindex.config import AudioConfig, VideoConfig
 from avindex.media import (
     EPS,
@@ -60,6 +71,9 @@ SKIP_NONREF_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "mpeg4", "mpeg2vid
 _TIME_SLACK = 1e-6
 # Undecided packets beyond this many mean timestamps that do not behave; skipping then stops.
 _MAX_LOOKAHEAD = 512
+# Video packets a probe decoder may take to give the first frame (which tells whether NVDEC
+# takes the video); a stream that gives none by then is decoded by PyAV.
+_PROBE_LIMIT = 64
 # read_moments(seek=True) lands this far before the first moment: the audio packets interleaved
 # around the video keyframe it seeks to, and the audio decoder's warm-up, lie before the window.
 _SEEK_MARGIN = 1.0
@@ -105,7 +119,13 @@ def clip_moment(t0: float, clip_seconds: float) -> Moment:
     return Moment(frame_time=t0 + clip_seconds / 2, audio_start=t0)
 
 
-class _Schedule:
+def pts_seconds(pts: int, time_base: Fraction) -> float:
+    """A timestamp in seconds, computed exactly as PyAV's frame.time (so both decode paths see
+    bit-identical times and break ties alike)."""
+    return float(pts) * time_base.numerator / time_base.denominator
+
+
+class Schedule:
     """The moments to read: an explicit list sorted by frame time, or the clip grid of a video
     whose length is learnt while reading (grid moments are added as the video advances)."""
 
@@ -165,6 +185,39 @@ class _Schedule:
             self.moments.append(clip_moment(len(self.moments) * self.hop, self.clip))
 
 
+class FramePicker:
+    """The frame-choice rule of every decode path: each moment gets the decoded frame nearest its
+    frame time, ties to the earlier frame. Frames arrive in presentation order with their time;
+    `item` is whatever the caller keeps for a frame (a PyAV frame, a GPU tensor)."""
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+        self.next = 0  # first moment without a chosen frame
+        self.prev: tuple[float, object] | None = None
+
+    def add(self, t: float, item: object) -> list[tuple[int, object]]:
+        """Take the frame at time `t`: (moment, chosen item) for every moment it settles."""
+        self.schedule.extend_to(t)
+        moments = self.schedule.moments
+        chosen = []
+        while self.next < len(moments) and moments[self.next].frame_time <= t:
+            target = moments[self.next].frame_time
+            use_prev = self.prev is not None and target - self.prev[0] <= t - target
+            chosen.append((self.next, self.prev[1] if use_prev else item))
+            self.next += 1
+        self.prev = (t, item)
+        return chosen
+
+    def finish(self, path: str) -> list[tuple[int, object]]:
+        """End of the video (its schedule closed): moments still open get the last frame."""
+        self.next = min(self.next, len(self.schedule))
+        if self.prev is None and self.next < len(self.schedule):
+            raise MediaError(f"{path}: no decodable video frames")
+        chosen = [(i, self.prev[1]) for i in range(self.next, len(self.schedule))]
+        self.next = len(self.schedule)
+        return chosen
+
+
 class _FramePlanner:
     """Decides for each video packet, in decode order, whether a clip may need its frame.
 
@@ -176,7 +229,7 @@ class _FramePlanner:
     """
 
     def __init__(
-        self, schedule: _Schedule, time_base: Fraction, origin: float, enabled: bool
+        self, schedule: Schedule, time_base: Fraction, origin: float, enabled: bool
     ) -> None:
         self.schedule, self.time_base, self.origin = schedule, time_base, origin
         self.enabled = enabled
@@ -273,12 +326,15 @@ class _AudioTimeline:
 
 
 class _MomentReader:
-    """Streaming state of a read: picks decoded frames by time, buffers audio, releases moments."""
+    """Streaming state of a read: picks decoded frames by time, buffers audio, releases moments.
+
+    Without frames (the NVDEC path reads its frames elsewhere) each moment's frame is None and
+    the grid grows with the video packets' times instead of decoded frames'."""
 
     def __init__(
         self,
         path: str,
-        schedule: _Schedule,
+        schedule: Schedule,
         origin: float,
         audio_cfg: AudioConfig,
         video_cfg: VideoConfig,
@@ -288,10 +344,9 @@ class _MomentReader:
         self.shorter = video_cfg.resize_shorter
         self.rate, self.n_samples = audio_cfg.sample_rate, audio_cfg.n_samples
         self.stats = stats
+        self.picker = FramePicker(schedule)
         self.chosen: dict[int, np.ndarray | None] = {}
-        self.next_frame = 0  # first moment without a chosen frame
         self.next_out = 0  # first moment not yet yielded
-        self.prev: tuple[float, av.VideoFrame] | None = None
         # The last converted frame, kept alive with its pixels: an id() alone could match a later
         # frame that reuses a freed frame's address.
         self.converted: tuple[av.VideoFrame, np.ndarray] | None = None
@@ -308,26 +363,26 @@ class _MomentReader:
         self.stats.frames_decoded += 1
         # PyAV's float .time avoids Fraction arithmetic per frame; without pts keep decode order.
         t = frame.time - self.origin if frame.pts is not None else self.video_time + 1e-3
-        self.schedule.extend_to(t)
-        moments = self.schedule.moments
-        while self.next_frame < len(moments) and moments[self.next_frame].frame_time <= t:
-            target = moments[self.next_frame].frame_time
-            use_prev = self.prev is not None and target - self.prev[0] <= t - target
-            self._choose(self.prev[1] if use_prev else frame)
-        self.prev, self.video_time = (t, frame), t
+        for moment, chosen in self.picker.add(t, frame):
+            self._choose(moment, chosen)
+        self.video_time = t
 
-    def _choose(self, frame: av.VideoFrame) -> None:
-        """Convert `frame` (once, even when several moments pick it) for the next moment."""
+    def _choose(self, moment: int, frame: av.VideoFrame) -> None:
+        """Convert `frame` (once, even when several moments pick it) for `moment`."""
         if self.converted is None or self.converted[0] is not frame:
             self.converted = (frame, frame_to_rgb(frame, self.shorter, self.reformatter, self.path))
-        self.chosen[self.next_frame] = self.converted[1]
-        self.next_frame += 1
+        self.chosen[moment] = self.converted[1]
 
     def skip_frames(self) -> None:
         """Audio-only reading: every moment's frame is None, so moments wait for audio alone."""
         self.frames = False
-        self.chosen = dict.fromkeys(range(len(self.schedule)))
-        self.next_frame = len(self.schedule)
+
+    def video_packet(self, seconds: float) -> None:
+        """A video packet at `seconds` was read (audio-only reading: the grid reaches it)."""
+        self.seen_end = max(self.seen_end, seconds)
+        if not self.frames:
+            self.video_time = self.seen_end
+            self.schedule.extend_to(self.seen_end)
 
     def add_audio(self, frame: av.AudioFrame | None) -> None:
         """Resample a decoded audio frame (None flushes) onto the timeline."""
@@ -344,18 +399,19 @@ class _MomentReader:
             self.schedule.close(duration)
         if not self.frames:
             return
-        for i in range(len(self.schedule), self.next_frame):
+        for i in range(len(self.schedule), self.picker.next):
             self.chosen.pop(i, None)  # grid moments past the real end are not clips
-        self.next_frame = min(self.next_frame, len(self.schedule))
-        if self.prev is None and self.next_frame < len(self.schedule):
-            raise MediaError(f"{self.path}: no decodable video frames")
-        while self.next_frame < len(self.schedule):
-            self._choose(self.prev[1])
+        for moment, frame in self.picker.finish(self.path):
+            self._choose(moment, frame)
+
+    def _settled(self) -> int:
+        """Moments whose frame is known (all of them when reading audio only)."""
+        return self.picker.next if self.frames else len(self.schedule)
 
     def ready(self) -> Iterator[MomentData]:
         """Yield, in order, moments whose frame is chosen and whose audio is complete."""
         moments = self.schedule.moments
-        while self.next_out < min(self.next_frame, len(moments)):
+        while self.next_out < min(self._settled(), len(moments)):
             moment = moments[self.next_out]
             if not self.schedule.confirmed(self.next_out, self.seen_end):
                 return
@@ -365,7 +421,7 @@ class _MomentReader:
             if waiting and self.video_time - end_time < _MAX_AV_LAG:
                 return
             audio, has_audio = self.audio.window(start, self.n_samples)
-            frame = self.chosen.pop(self.next_out)
+            frame = self.chosen.pop(self.next_out, None)
             self.next_out += 1
             keep = self.schedule.earliest_audio(self.next_out)
             self.audio.drop_before(
@@ -394,18 +450,96 @@ def _decode(
         return []
 
 
+class _PyAVFrames:
+    """Planned video packets decoded here: needed frames fully, the others with
+    skip_frame=NONREF (an intra-only codec's unneeded frames are not sent at all)."""
+
+    def __init__(
+        self,
+        video: av.video.VideoStream,
+        planner: _FramePlanner,
+        reader: _MomentReader,
+        stats: DecodeStats,
+    ) -> None:
+        self.video, self.planner, self.reader, self.stats = video, planner, reader, stats
+        self.decoder = video.codec_context
+        self.intra_only = self.decoder.codec.intra_only
+
+    def add(self, packet: av.Packet) -> None:
+        """Plan one demuxed packet and decode those now decided."""
+        for held, needed in self.planner.add(packet):
+            self._decode(held, needed)
+
+    def _decode(self, packet: av.Packet, needed: bool) -> None:
+        if not needed and self.intra_only:
+            return
+        self.decoder.skip_frame = "DEFAULT" if needed else "NONREF"
+        for frame in _decode(self.decoder, packet, self.stats):
+            self.reader.add_video(frame)
+
+    def flush(self) -> None:
+        """End of stream: decode the packets still held, then drain the decoder."""
+        for held, needed in self.planner.flush():
+            self._decode(held, needed)
+        self.decoder.skip_frame = "DEFAULT"
+        try:
+            for frame in self.decoder.decode(None):
+                frame.time_base = frame.time_base or self.video.time_base  # draining gives none
+                self.reader.add_video(frame)
+        except av.FFmpegError:
+            self.stats.bad_packets += 1
+
+
+class _NoFrames:
+    """Audio-only reading: video packets only count (their times bound the clips)."""
+
+    def add(self, packet: av.Packet) -> None:
+        """Nothing to decode."""
+
+    def flush(self) -> None:
+        """Nothing held."""
+
+
+class _Exporter:
+    """Planned video packets handed out as Annex-B for an NVDEC session in the parent."""
+
+    def __init__(self, planner: _FramePlanner, export: PacketExport) -> None:
+        self.planner, self.export = planner, export
+
+    def add(self, packet: av.Packet) -> None:
+        """Plan one demuxed packet; the decided ones go to the export batch."""
+        for held, needed in self.planner.add(packet):
+            self.export.add(held, needed)
+
+    def flush(self) -> None:
+        """End of stream: every held packet goes out."""
+        for held, needed in self.planner.flush():
+            self.export.add(held, needed)
+        self.export.flush()
+
+
+# Packets per batch sent to an NVDEC session: few messages, a session never waits long.
+EXPORT_BATCH = 16
+
+
 def _read(
     path: str | os.PathLike,
-    schedule: _Schedule,
+    schedule: Schedule,
     audio_cfg: AudioConfig,
     video_cfg: VideoConfig,
     threads: int,
-    frames: bool,
+    mode: str,
     skip: bool,
     stats: DecodeStats,
     seek: bool = False,
-) -> Iterator[MomentData]:
-    """The one demux pass behind read_moments and read_clip_grid."""
+) -> Iterator[MomentData | StreamHeader | PacketBatch | str]:
+    """The one demux pass behind read_moments, read_clip_grid and read_for_nvdec.
+
+    mode 'frames' decodes frames here, 'audio' reads audio only, 'export' yields a StreamHeader
+    (or, for a video NVDEC does not take, the reason as a str, then decodes frames here), then
+    PacketBatches between the audio-only moments. seek=True starts at the keyframe before the
+    earliest moment.
+    """
     path = os.fspath(path)
     with open_media(path) as container:
         video = video_stream(container, path)
@@ -421,13 +555,40 @@ def _read(
         origin = float(start_pts(video, None) * video.time_base)
         reader = _MomentReader(path, schedule, origin, audio_cfg, video_cfg, stats)
         reader.audio_done = audio is None
-        if not frames:
-            reader.skip_frames()
-        decoder = video.codec_context
-        intra_only = decoder.codec.intra_only
-        skip = skip and frames and (decoder.name in SKIP_NONREF_CODECS or intra_only)
-        planner = _FramePlanner(schedule, video.time_base, origin, skip)
         clock = PacketClock(video.time_base)
+        export: PacketExport | None = None
+        pending: list[av.Packet] | None = [] if mode == "export" else None
+
+        def frames_here() -> _PyAVFrames:
+            intra_only = video.codec_context.codec.intra_only
+            codec_skips = video.codec_context.name in SKIP_NONREF_CODECS or intra_only
+            stats.skipping = skip and codec_skips
+            planner = _FramePlanner(schedule, video.time_base, origin, stats.skipping)
+            return _PyAVFrames(video, planner, reader, stats)
+
+        def start_export(probed: av.VideoFrame | None) -> Iterator[StreamHeader | str]:
+            """Decide where the frames are decoded, once the first frame is known."""
+            nonlocal handler, export
+            why = nvdec_unsupported(video, probed)
+            if why is not None:
+                handler = frames_here()
+                yield why
+                return
+            reader.skip_frames()
+            schedule.extend_to(reader.seen_end)
+            stats.skipping = True  # timestamps permitting: the planner says
+            export = PacketExport(video)
+            handler = _Exporter(_FramePlanner(schedule, video.time_base, origin, True), export)
+            yield stream_header(video, origin, probed, export)
+
+        handler: _PyAVFrames | _NoFrames | _Exporter
+        if mode == "frames":
+            handler = frames_here()
+        else:
+            handler = _NoFrames()
+            reader.skip_frames()
+        if pending is not None:
+            reader.frames = True  # until the first frame says where frames are decoded
         for packet in _packets(container, [s for s in (video, audio) if s is not None], path):
             if packet.size == 0:
                 continue  # end-of-stream markers: the decoders are drained below
@@ -437,20 +598,40 @@ def _read(
             else:
                 if clock.add(packet):
                     stats.frames_total += 1
-                    reader.seen_end = max(reader.seen_end, clock.last_seconds - origin)
-                if frames:
-                    for held, needed in planner.add(packet):
-                        _decode_needed(decoder, held, needed, intra_only, reader, stats)
+                    reader.video_packet(clock.last_seconds - origin)
+                if pending is None:
+                    handler.add(packet)
+                else:
+                    pending.append(packet)
+                    n = len(pending)
+                    # Probe at 1, 2, 4, ... packets: usually the first (a keyframe) is enough.
+                    probed = first_frame(video, pending) if n & (n - 1) == 0 else None
+                    if probed is not None or n >= _PROBE_LIMIT:
+                        yield from start_export(probed)
+                        for held in pending:
+                            handler.add(held)
+                        pending = None
+            if export is not None and len(export.batch) >= EXPORT_BATCH:
+                yield export.take()
             yield from reader.ready()
-        for stream in (video, audio):  # also after a damaged tail ended the demuxing early
-            if stream is not None:
-                _flush(stream, video, planner, reader, stats, frames)
-        stats.skipping = skip and planner.enabled
+        if pending is not None:  # a stream shorter than the probe needed
+            yield from start_export(first_frame(video, pending))
+            for held in pending:
+                handler.add(held)
+        handler.flush()  # also after a damaged tail ended the demuxing early
+        if export is not None:
+            if len(export.batch):
+                yield export.take()
+            stats.skipping = handler.planner.enabled
+        elif isinstance(handler, _PyAVFrames):
+            stats.skipping = stats.skipping and handler.planner.enabled
+        if audio is not None:
+            _drain_audio(audio, reader, stats)
         if stats.bad_packets:
             log.warning("%s: skipped %d undecodable packets", path, stats.bad_packets)
         duration = clock.duration(start_pts(video, clock.first_pts)) if clock.count else None
         if not schedule.closed:
-            if duration is None or reader.prev is None:
+            if duration is None or (reader.frames and reader.picker.prev is None):
                 raise MediaError(f"{path}: no decodable video frames")
             if duration + EPS < audio_cfg.clip_seconds:
                 raise MediaError(f"{path}: shorter than one clip ({duration:.3f} s)")
@@ -471,46 +652,14 @@ def _seek_before(
             container.seek(start_pts(video, None) + int(first / video.time_base), stream=video)
 
 
-def _flush(
-    stream: av.stream.Stream,
-    video: av.video.VideoStream,
-    planner: _FramePlanner,
-    reader: _MomentReader,
-    stats: DecodeStats,
-    frames: bool,
-) -> None:
-    """End of one stream: decode the video packets still held, then drain the decoder."""
-    if stream is video and not frames:
-        return
-    decoder = stream.codec_context
-    add = reader.add_video if stream is video else reader.add_audio
-    if stream is video:
-        for held, needed in planner.flush():
-            _decode_needed(decoder, held, needed, decoder.codec.intra_only, reader, stats)
-        decoder.skip_frame = "DEFAULT"
+def _drain_audio(audio: av.audio.AudioStream, reader: _MomentReader, stats: DecodeStats) -> None:
+    """End of the audio stream: frames the decoder still holds."""
     try:
-        for frame in decoder.decode(None):
-            frame.time_base = frame.time_base or stream.time_base  # draining gives none
-            add(frame)
+        for frame in audio.codec_context.decode(None):
+            frame.time_base = frame.time_base or audio.time_base  # draining gives none
+            reader.add_audio(frame)
     except av.FFmpegError:
         stats.bad_packets += 1
-
-
-def _decode_needed(
-    decoder: av.codec.context.CodecContext,
-    packet: av.Packet,
-    needed: bool,
-    intra_only: bool,
-    reader: _MomentReader,
-    stats: DecodeStats,
-) -> None:
-    """Decode a planned packet: needed frames fully, the others with skip_frame=NONREF (an
-    intra-only codec's unneeded frames are not sent at all: nothing refers to them)."""
-    if not needed and intra_only:
-        return
-    decoder.skip_frame = "DEFAULT" if needed else "NONREF"
-    for frame in _decode(decoder, packet, stats):
-        reader.add_video(frame)
 
 
 def read_moments(
@@ -537,9 +686,10 @@ def read_moments(
         raise ValueError("read_moments: moments must be sorted by frame_time")
     if not moments:
         return
-    schedule = _Schedule(moments, None, audio_cfg.clip_seconds)
+    schedule = Schedule(moments, None, audio_cfg.clip_seconds)
     stats = stats or DecodeStats()
-    yield from _read(path, schedule, audio_cfg, video_cfg, threads, frames, skip, stats, seek)
+    mode = "frames" if frames else "audio"
+    yield from _read(path, schedule, audio_cfg, video_cfg, threads, mode, skip, stats, seek)
 
 
 def read_clip_grid(
@@ -556,9 +706,29 @@ def read_clip_grid(
     The clips are exactly those of `clip_starts(duration, hop)` for the duration `probe` finds;
     `stats` receives that duration, the frames decoded and whether frames were skipped.
     """
-    schedule = _Schedule(None, hop, audio_cfg.clip_seconds)
+    schedule = Schedule(None, hop, audio_cfg.clip_seconds)
     yield from _read(
-        path, schedule, audio_cfg, video_cfg, threads, True, skip, stats or DecodeStats()
+        path, schedule, audio_cfg, video_cfg, threads, "frames", skip, stats or DecodeStats()
+    )
+
+
+def read_for_nvdec(
+    path: str | os.PathLike,
+    hop: float,
+    audio_cfg: AudioConfig,
+    video_cfg: VideoConfig,
+    stats: DecodeStats | None = None,
+) -> Iterator[MomentData | StreamHeader | PacketBatch | str]:
+    """The clip grid of a video, in one pass, with its frames left to an NVDEC session.
+
+    Yields first a StreamHeader, then PacketBatches (Annex-B, decode order, non-reference
+    packets no clip needs left out) between the clips' audio (MomentData with frame None), which
+    are exactly read_clip_grid's clips. A video NVDEC does not take yields the reason (a str)
+    instead of the header, then read_clip_grid's clips with their frames.
+    """
+    schedule = Schedule(None, hop, audio_cfg.clip_seconds)
+    yield from _read(
+        path, schedule, audio_cfg, video_cfg, 1, "export", True, stats or DecodeStats()
     )
 
 
@@ -584,10 +754,14 @@ def read_clip(
 __all__ = [
     "SKIP_NONREF_CODECS",
     "DecodeStats",
+    "FramePicker",
     "Moment",
     "MomentData",
+    "Schedule",
     "clip_moment",
+    "pts_seconds",
     "read_clip",
     "read_clip_grid",
+    "read_for_nvdec",
     "read_moments",
 ]

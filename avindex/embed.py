@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from avindex.encoder import STAGES as STAGES_OF_ENCODER
 from avindex.encoder import Encoder, torch_threads
 from avindex.errors import AvindexError
 from avindex.model import Checkpoint
+from avindex.nvdec import NvdecClipReader, clip_reader
 from avindex.reader import ClipChunk, ClipReader, VideoRead, video_records
 from avindex.store import StoreMeta, StoreWriter, VideoRecord, clear_tmp
 
@@ -80,6 +81,9 @@ class EmbedReport:
         """Count one finished (or failed) video."""
         row = {"path": read.record.path, "clips": clips, "decoder": read.decoder}
         row["decoded_fraction"] = round(read.decoded_fraction, 4)
+        if read.fallback:
+            self.fallbacks += 1
+            row["fallback"] = read.fallback
         if read.error:
             self.videos_failed += 1
             self.failures.append((read.record.path, read.error))
@@ -222,7 +226,9 @@ def _stack(parts: list[np.ndarray], empty: tuple[int, ...]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(empty, np.float32)
 
 
-def _events(reader: ClipReader, seconds: dict[str, float]) -> Iterator[ClipChunk | VideoRead]:
+def _events(
+    reader: ClipReader | NvdecClipReader, seconds: dict[str, float]
+) -> Iterator[ClipChunk | VideoRead]:
     """The reader's events, timing how long the consumer waits for them."""
     iterator = iter(reader)
     while True:
@@ -265,7 +271,9 @@ def run_embed(
 
     checkpoint = encoder.checkpoint
     before = dict(encoder.seconds)
-    with ClipReader(enumerate(videos), checkpoint.audio_cfg, checkpoint.video_cfg, cfg) as reader:
+    expected = len(videos) if isinstance(videos, Sized) else None
+    acfg, vcfg = checkpoint.audio_cfg, checkpoint.video_cfg
+    with clip_reader(enumerate(videos), acfg, vcfg, cfg, encoder.device, expected) as reader:
         for event in _events(reader, seconds):
             if isinstance(event, ClipChunk):
                 if batches.add_chunk(event):

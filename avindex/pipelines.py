@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -257,111 +257,6 @@ class Preprocessor:
                 audio = audio.gpu() if gpu else audio
                 outputs.append(_spectrogram_graph(audio, self.audio_cfg, self.augment))
             return tuple(outputs)
-
-        pipe = pipeline()
-        pipe.build()
-        return pipe
-
-
-# --- GPU decode path (NVDEC): needs CUDA and the nvidia-dali-cudaXXX build; imports on CPU. ---
-
-# Codecs DALI's mixed (NVDEC) video decoder handles, by FFmpeg codec name (DALI 2.4 docs).
-NVDEC_CODECS = frozenset({"h264", "hevc", "av1", "mpeg4", "vp8", "vp9", "mjpeg"})
-
-
-def gpu_decodable(video_codec: str | None, rotation: int) -> bool:
-    """Whether GpuFrameDecoder can take a video: an NVDEC codec and no display rotation.
-
-    DALI's decoder ignores the display-matrix rotation that the PyAV path applies, so rotated
-    videos stay on the PyAV path rather than come out sideways.
-    """
-    return video_codec in NVDEC_CODECS and rotation % 360 == 0
-
-
-def frame_indices(path: str, times: Sequence[float]) -> np.ndarray:
-    """Indices of the frames nearest `times` (seconds from the first frame), numbered as DALI does.
-
-    fn.decoders.video numbers frames by sorting the video packets' pts (dts when pts is missing);
-    reading the same packet timestamps here needs demuxing only, no decoding, and is VFR-safe.
-    Ties between two frames go to the earlier one.
-    """
-    import av
-
-    from avindex.media import MediaError, start_pts
-
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stamps = [
-            p.pts if p.pts is not None else p.dts
-            for p in container.demux(stream)
-            if p.pts is not None or p.dts is not None
-        ]
-        if not stamps:
-            raise MediaError(f"{path}: no video packets")
-        # t = 0 is the first presented frame, as on the PyAV path (edit lists applied).
-        origin = start_pts(stream, min(stamps))
-        seconds = (np.sort(np.asarray(stamps, np.int64)) - origin) * float(stream.time_base)
-    want = np.asarray(times, np.float64)
-    after = np.clip(np.searchsorted(seconds, want), 1, len(seconds) - 1)
-    before = after - 1
-    pick_after = np.abs(seconds[after] - want) < np.abs(want - seconds[before])
-    return np.where(pick_after, after, before).astype(np.int32)
-
-
-class GpuFrameDecoder:
-    """NVDEC decode of chosen frames of one video, scaled, centre-cropped and normalised on GPU.
-
-    GPU only: building the pipeline needs CUDA. The encoded file is held in host memory (not
-    decoded frames), and frames are decoded `max_frames` at a time, so GPU memory stays bounded.
-    """
-
-    def __init__(self, video_cfg: VideoConfig, max_frames: int = 64, threads: int = 2) -> None:
-        """Configure; the pipeline builds on first use."""
-        self.video_cfg, self.max_frames, self.threads = video_cfg, max_frames, threads
-        self._pipe: Any = None
-
-    def __call__(self, path: str, indices: Sequence[int]) -> torch.Tensor:
-        """Frames `indices` of the file at `path` -> (F, 3, crop, crop) float32 CUDA tensor."""
-        import torch
-
-        return torch.cat(list(self.chunks(path, indices)))
-
-    def chunks(self, path: str, indices: Sequence[int]) -> Iterator[torch.Tensor]:
-        """The same frames, `max_frames` at a time (streaming: a long video never sits whole)."""
-        import torch
-
-        if self._pipe is None:
-            self._pipe = self._build()
-        encoded = np.fromfile(path, dtype=np.uint8)
-        idx = np.asarray(indices, dtype=np.int32)
-        c = self.video_cfg.crop
-        for start in range(0, len(idx), self.max_frames):
-            chunk = idx[start : start + self.max_frames]
-            self._pipe.feed_input("encoded", [encoded])
-            self._pipe.feed_input("indices", [chunk])
-            (frames,) = self._pipe.run()
-            out = torch.empty((len(chunk), 3, c, c), dtype=torch.float32, device="cuda")
-            yield _copy_to_torch(frames, out)
-
-    def _build(self) -> Any:
-        """One-sample pipeline: encoded bytes + frame indices -> normalised FCHW crops on GPU."""
-        from nvidia.dali import fn, pipeline_def, types
-
-        vcfg = self.video_cfg
-
-        @pipeline_def(
-            batch_size=1,
-            num_threads=self.threads,
-            device_id=_device_id("cuda"),
-            prefetch_queue_depth=1,
-        )
-        def pipeline() -> Any:
-            # no_copy: DALI reads the caller's file buffer directly; __call__ keeps it alive.
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=True)
-            indices = fn.external_source(name="indices", dtype=types.INT32, ndim=1)
-            video = fn.decoders.video(encoded, device="mixed", frames=indices)  # F x H x W x 3
-            video = fn.resize(video, resize_shorter=vcfg.resize_shorter)
-            return _normalise(video, vcfg, "FCHW", crop=(vcfg.crop, vcfg.crop))
 
         pipe = pipeline()
         pipe.build()

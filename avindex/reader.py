@@ -3,11 +3,14 @@
 Each video is one job in a WorkerPool: one demux pass (decode.read_clip_grid) that sends its clips
 back in small chunks and ends with what the decode found (duration, frames decoded). A video whose
 decoder fails, crashes or stalls ends with its reason; its chunks already sent are to be dropped
-by the consumer. See docs/architecture.md ("Embedding").
+by the consumer. On CUDA, avindex.nvdec reads through the same workers with `export_video` jobs
+(audio and Annex-B video packets) and decodes the frames on NVDEC. See docs/architecture.md
+("Embedding").
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -15,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from avindex.bitstream import PacketBatch, StreamHeader
 from avindex.config import AudioConfig, EmbedConfig, VideoConfig
-from avindex.decode import DecodeStats, read_clip_grid
+from avindex.decode import DecodeStats, MomentData, read_clip_grid, read_for_nvdec
 from avindex.store import VideoRecord
 from avindex.workers import Done, Failed, Item, Job, PoolLimits, WorkerPool
 
@@ -52,6 +56,7 @@ class VideoRead:
     frames_decoded: int = 0
     seconds: float = 0.0  # wall time the worker spent on it
     notes: list[str] = field(default_factory=list)
+    fallback: str | None = None  # why another decoder than the device's took this video
 
     @property
     def decoded_fraction(self) -> float:
@@ -76,6 +81,28 @@ def decode_video(
     return stats, time.perf_counter() - started
 
 
+def export_video(
+    path: str, hop: float, audio_cfg: AudioConfig, video_cfg: VideoConfig
+) -> Iterator[StreamHeader | str | PacketBatch | ClipChunk]:
+    """Worker job for NVDEC: a StreamHeader, then Annex-B PacketBatches between ClipChunks of
+    the clips' audio (frames None); a video NVDEC does not take yields why (a str) and then
+    ClipChunks with frames, as decode_video. Returns its DecodeStats and wall time."""
+    started = time.perf_counter()
+    stats = DecodeStats()
+    chunk: list[MomentData] = []
+    for item in read_for_nvdec(path, hop, audio_cfg, video_cfg, stats=stats):
+        if not isinstance(item, MomentData):
+            yield item
+            continue
+        chunk.append(item)
+        if len(chunk) == CHUNK_CLIPS:
+            yield _pack(chunk)
+            chunk = []
+    if chunk:
+        yield _pack(chunk)
+    return stats, time.perf_counter() - started
+
+
 def _pack(data: list) -> ClipChunk:
     return ClipChunk(
         video=-1,  # the reader fills in the video index
@@ -87,8 +114,8 @@ def _pack(data: list) -> ClipChunk:
 
 
 class ClipReader:
-    """Clips of many videos, decoded in `cfg.decode_workers` child processes; iterate to get
-    ClipChunk and VideoRead events (per video: its chunks in order, then its VideoRead)."""
+    """Clips of many videos, decoded in up to `cfg.decode_workers` child processes; iterate to
+    get ClipChunk and VideoRead events (per video: its chunks in order, then its VideoRead)."""
 
     def __init__(
         self,
@@ -96,26 +123,40 @@ class ClipReader:
         audio_cfg: AudioConfig,
         video_cfg: VideoConfig,
         cfg: EmbedConfig,
+        expected: int | None = None,
     ) -> None:
+        """`videos` are taken lazily, as decoders become free; `expected` (their number, when
+        known) lets fewer videos than decoders share out every core."""
         self.records: dict[int, VideoRecord] = {}
         self.sent: dict[int, int] = {}
-        jobs = self._jobs(videos, audio_cfg, video_cfg, cfg)
+        threads = self.threads_for(cfg, expected)
+        jobs = self._jobs(videos, audio_cfg, video_cfg, cfg.hop, threads)
         limits = PoolLimits(cfg.decode_stall_seconds, cfg.decode_memory_bytes)
         buffer = max(2, cfg.prefetch_batches * cfg.batch_size // CHUNK_CLIPS)
-        self.pool = WorkerPool(jobs, cfg.decode_workers, limits, buffer=buffer)
+        workers = cfg.decode_workers if expected is None else min(cfg.decode_workers, expected)
+        self.pool = WorkerPool(jobs, max(1, workers), limits, buffer=buffer)
+
+    @staticmethod
+    def threads_for(cfg: EmbedConfig, expected: int | None) -> int:
+        """FFmpeg threads per decoder: cfg.decode_threads, or (0) the cores over the decoders
+        that have a video (a single long file is decoded with every core)."""
+        if cfg.decode_threads > 0:
+            return cfg.decode_threads
+        workers = cfg.decode_workers if expected is None else min(cfg.decode_workers, expected)
+        return max(1, (os.cpu_count() or 1) // max(1, workers))
 
     def _jobs(
         self,
         videos: Iterable[tuple[int, VideoRecord]],
         audio_cfg: AudioConfig,
         video_cfg: VideoConfig,
-        cfg: EmbedConfig,
+        hop: float,
+        threads: int,
     ) -> Iterator[Job]:
         for index, record in videos:
             self.records[index] = record
             self.sent[index] = 0
-            args = (record.path, cfg.hop, audio_cfg, video_cfg, cfg.decode_threads)
-            yield Job(index, decode_video, args)
+            yield Job(index, decode_video, (record.path, hop, audio_cfg, video_cfg, threads))
 
     def __iter__(self) -> Iterator[ClipChunk | VideoRead]:
         for event in self.pool.events():
@@ -167,4 +208,12 @@ def video_records(paths: Iterable[Path]) -> list[VideoRecord]:
     return out
 
 
-__all__ = ["CHUNK_CLIPS", "ClipChunk", "ClipReader", "VideoRead", "decode_video", "video_records"]
+__all__ = [
+    "CHUNK_CLIPS",
+    "ClipChunk",
+    "ClipReader",
+    "VideoRead",
+    "decode_video",
+    "export_video",
+    "video_records",
+]

@@ -52,12 +52,16 @@ def write_video(
     video_codec: str | None = None,
     audio_codec: str | None = None,
     rotation: int = 0,
+    video_options: dict[str, str] | None = None,
+    keyint: int | None = None,
 ) -> None:
     """Write RGB frames (HxWx3 uint8) and audio ((n,) or (n, channels) float in [-1, 1]) with PyAV.
 
     Codecs default by extension (CODECS). `pts` (seconds per frame) makes a variable-frame-rate
     file; `rotation` stores a display matrix (counter-clockwise degrees); `frames=None` writes an
-    audio-only file. Audio is muxed alongside the frames so the file is properly interleaved."""
+    audio-only file. `video_options` replace the fast defaults (_VIDEO_OPTIONS) and `keyint` the
+    short keyframe interval (2 s). Audio is muxed alongside the frames so the file is properly
+    interleaved."""
     import av
 
     path = os.fspath(path)
@@ -69,10 +73,12 @@ def write_video(
         first = next(frame_iter, None)
         if first is not None:
             codec = video_codec or default_video
-            vstream = container.add_stream(codec, rate=rate, options=_VIDEO_OPTIONS.get(codec, {}))
+            options = _VIDEO_OPTIONS.get(codec, {}) if video_options is None else video_options
+            vstream = container.add_stream(codec, rate=rate, options=options)
             vstream.height, vstream.width = first.shape[:2]
             vstream.pix_fmt = pix_fmt
-            vstream.codec_context.gop_size = max(1, round(2 * fps))  # small GOP: cheap seeking
+            # A small GOP by default: cheap seeking in the test corpora.
+            vstream.codec_context.gop_size = keyint or max(1, round(2 * fps))
             vstream.codec_context.time_base = Fraction(1, 90_000) if pts is not None else 1 / rate
             if rotation:
                 vstream.set_display_rotation(rotation)

@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
-# One prepared GPU check (H100/H200 class, no network): install the carried wheels, run the
-# `gpu`-marked tests and the GPU benchmarks, write JSON + a log to $OUT, in under 8 minutes.
+# One prepared GPU check (H200, no network): install the carried wheels, run the `gpu`-marked
+# tests and the GPU benchmarks, write JSON + log + plot to $OUT (7 files), in under 8 minutes.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh          # on the GPU machine, from the repo root
 #   OUT=/tmp/gc DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
 #                                                       # dry run of the script on a CPU machine
 #
-# Wheels come from .whl/ (av, faiss-cpu, DALI's dependencies); DALI itself as the parts
-# .whl/dali.tar.xz.part* of a tar.xz of the unpacked wheel (nvidia/ + its dist-info). Each
-# section is wrapped: a failure is logged and the next section still runs.
+# What it measures: all `gpu` tests (NVDEC sessions against the PyAV path on the media zoo and on
+# x264/HEVC/VP9 streams, CUDA preprocessing, bf16 towers); natural-looking 60 s corpora (x264
+# defaults at 720p and 1080p, HEVC at 720p); per corpus the PyAV bounds, the NVDEC decode-all
+# sweep over 1, 2, 4, 7, 14, 21 sessions, the physical limit (engines x per-engine rate), the
+# skip-non-reference gain on NVDEC, DALI's batched decoder for comparison; embed at 720p and
+# 1080p (each video copied so 14+ sessions have work) with the decoder used per video and NVDEC
+# utilisation; full-width bf16 training pairs/s and data wait; serve's query latency (CUDA
+# encoding) where the serve extra, httpx2 and faiss are installed.
+#
+# Wheels (Python 3.12, manylinux x86_64) come from .whl/: av, PyNvVideoCodec (its wheel carries
+# an FFmpeg source tarball and samples avindex does not use: `zip -d .whl/pynvvideocodec-*.whl
+# '*/ffmpeg-*.tar.xz' 'samples/*' 'benchmarks/*'` takes it from 27 to 10 MB), optionally
+# faiss-cpu; DALI as the parts .whl/dali.tar.xz.part* of a tar.xz of the unpacked wheel
+# (nvidia/ + its dist-info). More than 64 MiB of them travel over several calls to the same warm
+# machine (.whl/ stays there between calls). Each section is time-boxed: a failure or time-out
+# is logged and the next section still runs.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-check-out}
@@ -103,7 +116,7 @@ setup() {
     if unpack_dali && [ -d "$DALI_SITE/nvidia" ]; then export PYTHONPATH="$DALI_SITE:$PYTHONPATH"; fi
     "$PYTHON" - <<'PY'
 import importlib
-for name in ("torch", "av", "faiss", "nvidia.dali", "h5py", "typer", "rich", "matplotlib"):
+for name in ("torch", "av", "PyNvVideoCodec", "faiss", "nvidia.dali", "h5py", "typer", "rich", "matplotlib"):
     try:
         m = importlib.import_module(name)
         print(f"{name} {getattr(m, '__version__', '?')}")
@@ -128,23 +141,62 @@ if setup; then echo "setup: ok ($(( $(date +%s) - START ))s)" >> "$OUT/summary.t
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 log "END setup: PYTHONPATH=$PYTHONPATH"
 
-if dali_gpu_ok; then log "DALI GPU: available"; else log "DALI GPU: NOT available: DALI GPU tests skip and the NVDEC bound reports an error"; fi
+if dali_gpu_ok; then log "DALI GPU: available"; else log "DALI GPU: NOT available: DALI GPU tests skip and the DALI comparison reports an error"; fi
+"$PYTHON" -c 'from avindex.nvdec import default_sessions; s, why = default_sessions(); print("NVDEC sessions:", why)' || true
 
-section gpu-tests 150 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" tests
-
-if [ "$QUICK" = 1 ]; then SECS=3; NV=2; S720=320x180; S1080=480x270; else SECS=10; NV=4; S720=1280x720; S1080=1920x1080; fi
+# Corpora: natural-looking (texture, camera motion, moving objects), encoder defaults.
+# Copies: embed needs many videos in flight (14 sessions) and enough work that start-up (14 worker
+# processes) is a small share of it: 56 x 60 s at 720p, 28 x 60 s at 1080p.
+if [ "$QUICK" = 1 ]; then SECS=3; NV=2; HSECS=2; S720=320x180; S1080=480x270; C720=2; C1080=2; TB=16; TRAIN_CORPUS=(--count 2 --seconds 10)
+else SECS=60; NV=4; HSECS=30; S720=1280x720; S1080=1920x1080; C720=14; C1080=7; TB=256; TRAIN_CORPUS=(); fi
 CORPUS=${CORPUS:-/tmp/avindex-gpu-corpus}
-section synth-720p 90 "${AVINDEX[@]}" synth "$CORPUS/720p" --videos $NV --seconds $SECS --size $S720 --fps 30 --seed 1
-section synth-1080p 90 "${AVINDEX[@]}" synth "$CORPUS/1080p" --videos $NV --seconds $SECS --size $S1080 --fps 30 --seed 2
+synth() { timeout --kill-after=5 240 "${AVINDEX[@]}" synth "$@" --natural --fps 30 > /dev/null; }
+# Encoding is CPU work: it runs beside the GPU tests (the corpora are waited for below).
+log "BEGIN corpora (background): ${NV}x${SECS}s $S720 and $S1080 H.264, 2x${HSECS}s $S720 HEVC"
+synth "$CORPUS/720p" --videos $NV --seconds $SECS --size $S720 --seed 1 & P720=$!
+synth "$CORPUS/1080p" --videos $NV --seconds $SECS --size $S1080 --seed 2 & P1080=$!
+synth "$CORPUS/hevc" --videos 2 --seconds $HSECS --size $S720 --codec hevc --seed 3 & PHEVC=$!
 
-# 720p: decode bounds (PyAV CPU and NVDEC), bf16 full-width towers, end-to-end embed + naive.
-section bench-720p 150 "${AVINDEX[@]}" bench --device "$DEVICE" --repeats 1 --videos "$CORPUS/720p" \
+section gpu-tests 120 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests
+
+wait_corpus() {  # wait_corpus NAME PID
+    if wait "$2"; then log "corpus $1 ready"; echo "corpus-$1: ok" >> "$OUT/summary.txt"
+    else log "corpus $1 FAILED"; echo "corpus-$1: FAILED" >> "$OUT/summary.txt"; fi
+}
+BENCH=(bench --device "$DEVICE" --repeats 1)
+wait_corpus 720p $P720
+# 720p: PyAV bounds, NVDEC sweep + physical limit + skip gain, DALI, bf16 towers, embed (each
+# video $C720 times, so every session has work) with its decoders and NVDEC utilisation.
+section bench-720p 130 "${AVINDEX[@]}" "${BENCH[@]}" --videos "$CORPUS/720p" --copies $C720 \
     --stage decode,model,embed --json "$OUT/bench_720p.json" --plot "$OUT/bench_720p.png"
-section bench-1080p 60 "${AVINDEX[@]}" bench --device "$DEVICE" --repeats 1 --videos "$CORPUS/1080p" \
-    --stage decode --json "$OUT/bench_1080p.json"
-# Front end on the GPU, training, and faiss (CPU faiss on all cores: no faiss-gpu here).
-section bench-train-search 150 "${AVINDEX[@]}" bench --device "$DEVICE" --repeats 1 \
-    --stage frontend,train,index,search --json "$OUT/bench_train_search.json"
+wait_corpus 1080p $P1080
+section bench-1080p 130 "${AVINDEX[@]}" "${BENCH[@]}" --videos "$CORPUS/1080p" --copies $C1080 \
+    --stage decode,embed --json "$OUT/bench_1080p.json"
+wait_corpus hevc $PHEVC
+section bench-hevc 60 "${AVINDEX[@]}" "${BENCH[@]}" --videos "$CORPUS/hevc" --stage decode \
+    --json "$OUT/bench_hevc.json"
+# Full-width training (the device's preset) at a batch that fills the GPU; TRAIN_BATCH to change.
+section bench-train 70 "${AVINDEX[@]}" "${BENCH[@]}" --stage train --train-batch "${TRAIN_BATCH:-$TB}" \
+    "${TRAIN_CORPUS[@]}" --json "$OUT/bench_train.json"
+# Serve: query latency with the model encoding on CUDA (SearchConfig.device auto), 1 and 8 clients.
+SERVE_MISSING=$("$PYTHON" - <<'PY'
+import importlib
+missing = []
+for name in ("avindex.serve.app", "httpx2", "faiss"):
+    try:
+        importlib.import_module(name)
+    except Exception:
+        missing.append(name)
+print(" ".join(missing))
+PY
+)
+if [ -z "$SERVE_MISSING" ] && [ -f benchmarks/serve_load.py ]; then
+    section serve-latency 90 "$PYTHON" benchmarks/serve_load.py --clips 20000 --seconds 5 \
+        --levels 1,8 --baseline-seconds 10 --json "$OUT/serve_load.json"
+else
+    log "SKIP serve-latency: cannot import ${SERVE_MISSING:-benchmarks/serve_load.py} here (carry the serve extra's wheels, httpx2 and faiss-cpu to measure it); not measured"
+    echo "serve-latency: skipped (missing ${SERVE_MISSING:-serve_load.py})" >> "$OUT/summary.txt"
+fi
 
 log "done in $(( $(date +%s) - START ))s"
 cat "$OUT/summary.txt"

@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="gpu marker: needs CUDA (run benchmarks/gpu_check.sh on a GPU)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:  # not keywords: a folder may be named gpu
             item.add_marker(skip)
 
 

@@ -12,7 +12,9 @@ import pytest
 from avindex.config import AudioConfig, VideoConfig
 from avindex.decode import (
     DecodeStats,
+    FramePicker,
     Moment,
+    Schedule,
     _AudioTimeline,
     clip_moment,
     read_clip_grid,
@@ -80,7 +82,7 @@ def test_the_planner_breaking_would_be_seen(coded, monkeypatch) -> None:
     """Guard for the test above: if every frame were skippable, chosen frames would differ."""
     from avindex import decode
 
-    monkeypatch.setattr(decode._Schedule, "has_target", lambda self, lo, hi: False)
+    monkeypatch.setattr(decode.Schedule, "has_target", lambda self, lo, hi: False)
     path = coded["x264_defaults.mp4"]
     broken = _frames(read_clip_grid(path, 0.5, AUDIO, VIDEO))
     assert broken != _frames(read_clip_grid(path, 0.5, AUDIO, VIDEO, skip=False))
@@ -127,3 +129,34 @@ def test_a_timestamp_gap_costs_no_memory() -> None:
     tracemalloc.stop()
     assert peak < 5 << 20
     assert real and window[:24_000].sum() == 0 and window[24_000:].sum() == 24_000
+
+
+@pytest.mark.parametrize(
+    "name", ["h264_aac.mp4", "vfr.mp4", "fps23976.mp4", "vp9_opus.webm", "mjpeg_pcm.mov"]
+)
+def test_frame_choice_is_the_nearest_pts(media_zoo, name: str) -> None:
+    """FramePicker (every decode path's rule) against a plain numpy rule on packet timestamps;
+    each zoo frame shows its presentation index as its colour."""
+    import av
+
+    from avindex.media import start_pts
+
+    path = media_zoo[name][0]
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stamps = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size)
+        seconds = (np.asarray(stamps) - start_pts(stream, stamps[0])) * float(stream.time_base)
+    mids = (seconds[:-1] + seconds[1:]) / 2
+    # Times on both sides of the mid-points (1 us away: float rounding cannot flip them).
+    times = np.sort(np.r_[np.linspace(0.0, 1.9, 23), mids[::3] - 1e-6, mids[1::3] + 1e-6])
+    want = [int(np.searchsorted(mids, t)) for t in times]
+    moments = [Moment(float(t), 0.0) for t in times]
+    got = [mf.decode_index(d.frame) for d in read_moments(path, moments, AUDIO, VIDEO)]
+    assert got == want
+
+
+def test_a_tie_goes_to_the_earlier_frame() -> None:
+    schedule = Schedule([Moment(0.25, 0.0), Moment(0.75, 0.0), Moment(0.8, 0.0)], None, 1.0)
+    picker = FramePicker(schedule)
+    chosen = picker.add(0.0, "a") + picker.add(0.5, "b") + picker.add(1.0, "c")
+    assert chosen == [(0, "a"), (1, "b"), (2, "c")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from avindex.config import AudioConfig, BenchConfig, SynthConfig
+from avindex.config import AudioConfig, BenchConfig, NaturalConfig, SynthConfig
 from avindex.errors import AvindexError
 
 
@@ -19,8 +20,9 @@ class Corpus:
 
     paths: list[Path]
     durations: list[float]
-    source: str  # 'synth' or the folder given
+    source: str  # 'synth', 'natural' or the folder given
     describe: dict[str, Any]
+    infos: list[Any]  # probe's MediaInfo of each distinct video
 
     @property
     def seconds(self) -> float:
@@ -35,13 +37,40 @@ def synth_config(cfg: BenchConfig) -> SynthConfig:
     )
 
 
+def natural_config(cfg: BenchConfig) -> NaturalConfig:
+    """The natural-looking corpus a bench run makes with --corpus natural."""
+    width, height = cfg.size
+    return NaturalConfig(cfg.videos, cfg.seconds, width, height, cfg.fps, cfg.codec, cfg.seed)
+
+
+def _copies(paths: list[Path], copies: int, folder: Path) -> list[Path]:
+    """Each path `copies` times: the originals, then hard links (symlinks across devices)."""
+    if copies <= 1:
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    out = list(paths)
+    for copy in range(1, copies):
+        for path in paths:
+            link = folder / f"{copy:02d}_{path.name}"
+            try:
+                os.link(path, link)
+            except OSError:
+                link.symlink_to(path.resolve())
+            out.append(link)
+    return out
+
+
 def bench_corpus(videos: str | Path | None, cfg: BenchConfig, workdir: Path) -> Corpus:
-    """Probe the videos under `videos`, or synthesise a corpus in `workdir` when it is None."""
+    """Probe the videos under `videos`, or synthesise a corpus in `workdir` when it is None;
+    with cfg.copies > 1 each appears that many times."""
     from avindex.media import probe
+    from avindex.natural import make_natural_corpus
     from avindex.scan import find_media
     from avindex.synth import make_corpus
 
-    if videos is None:
+    if videos is None and cfg.corpus == "natural":
+        paths, source = make_natural_corpus(workdir / "corpus", natural_config(cfg)), "natural"
+    elif videos is None:
         make_corpus(workdir / "corpus", synth_config(cfg))
         paths, source = find_media([workdir / "corpus"]), "synth"
     else:
@@ -52,15 +81,19 @@ def bench_corpus(videos: str | Path | None, cfg: BenchConfig, workdir: Path) -> 
         raise AvindexError(f"{source}: no usable videos to benchmark; pass a folder of videos")
     first = good[0][1]
     describe = {
-        "videos": len(good),
+        "videos": len(good) * max(1, cfg.copies),
+        "distinct_videos": len(good),
         "unusable": len(paths) - len(good),
-        "seconds": round(sum(i.duration for _, i in good), 2),
+        "seconds": round(sum(i.duration for _, i in good) * max(1, cfg.copies), 2),
         "video_codecs": sorted({i.video_codec for _, i in good}),
         "sizes": sorted({f"{i.width}x{i.height}" for _, i in good}),
         "fps": first.avg_fps,
+        "frames": sum(i.n_frames or 0 for _, i in good) * max(1, cfg.copies),
         "audio": f"{first.audio_codec} {first.sample_rate} Hz {first.channels} ch",
     }
-    return Corpus([p for p, _ in good], [float(i.duration) for _, i in good], source, describe)
+    paths = _copies([p for p, _ in good], cfg.copies, workdir / "copies")
+    durations = [float(i.duration) for _, i in good] * max(1, cfg.copies)
+    return Corpus(paths, durations, source, describe, [i for _, i in good])
 
 
 def clustered_vectors(n: int, d: int, seed: int, clusters: int = 256) -> np.ndarray:

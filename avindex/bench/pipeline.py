@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,15 +26,22 @@ def embed_bench(
     from avindex.embed import embed_paths
 
     best: EmbedReport | None = None
+    utilisation = None
     for run in range(max(1, repeats)):
         store = workdir / f"embed-store-{run}"
-        report = embed_paths(paths, store, checkpoint, cfg)
+        with _sampler(cfg.device) as sampler:
+            report = embed_paths(paths, store, checkpoint, cfg)
         shutil.rmtree(store, ignore_errors=True)
         if best is None or report.realtime_factor > best.realtime_factor:
-            best = report
+            best, utilisation = report, sampler.mean if sampler else None
     assert best is not None
     wall = best.wall_seconds
     return {
+        "decoders": best.decoders,
+        "fallbacks": best.fallbacks,
+        "decoded_fraction": best.decoded_fraction,
+        "nvdec_sessions": cfg.nvdec_sessions,
+        "nvdec_utilisation": utilisation,
         "hop": cfg.hop,
         "device": cfg.device,
         "batch_size": cfg.batch_size,
@@ -48,6 +56,18 @@ def embed_bench(
         # decode runs in background workers (summed over them); the rest is the consumer's time.
         "stage_fraction": {k: v / wall for k, v in best.stage_seconds.items()} if wall else {},
     }
+
+
+@contextlib.contextmanager
+def _sampler(device: str) -> Iterator[Any]:
+    """NVDEC utilisation sampling on CUDA (None elsewhere)."""
+    if device != "cuda":
+        yield None
+        return
+    from avindex.bench.gpu import DecoderUtilisation
+
+    with DecoderUtilisation() as sampler:
+        yield sampler
 
 
 def train_bench(
@@ -84,6 +104,7 @@ def train_bench(
     wait = sum(r["data_wait_s"] for r in steady)
     compute = sum(r["compute_s"] for r in steady)
     return {
+        "device": device,
         "width": chosen.model.width,
         "batch_size": chosen.train.batch_size,
         "steps_timed": len(steady),

@@ -88,7 +88,7 @@ def run_bench(
             for entry in measured.values():
                 entry.setdefault("bench_seconds", time.perf_counter() - stage_started)
             result["stages"].update(measured)
-    rows, targets = assess(result["stages"])
+    rows, targets = assess(result["stages"], result.get("corpus"))
     result["rows"] = [r.to_dict() for r in rows]
     result["targets"] = [t.to_dict() for t in targets]
     result["elapsed_seconds"] = time.perf_counter() - started
@@ -104,18 +104,17 @@ def _run_stage(
     device: str,
     work: Path,
 ) -> dict[str, Any]:
-    """One stage's raw numbers, keyed by stage name (decode on CUDA adds 'nvdec')."""
+    """One stage's raw numbers, keyed by stage name (decode on CUDA adds 'nvdec' and 'dali')."""
     acfg, vcfg = checkpoint.audio_cfg, checkpoint.video_cfg
     if stage == "decode":
         from avindex.bench.decode import decode_bench
 
-        out = {
-            "decode": decode_bench(
-                corpus.paths, corpus.durations, acfg, vcfg, embed_cfg, cfg.repeats
-            )
-        }
+        # Bounds are rates: the distinct videos give them (copies only add identical work).
+        distinct = corpus.describe["distinct_videos"]
+        paths, durations = corpus.paths[:distinct], corpus.durations[:distinct]
+        out = {"decode": decode_bench(paths, durations, acfg, vcfg, embed_cfg, cfg.repeats)}
         if device == "cuda":
-            out["nvdec"] = _nvdec(corpus, acfg, vcfg, embed_cfg.hop)
+            out.update(_gpu_decode(paths, durations, cfg))
         return out
     if stage == "frontend":
         from avindex.bench.frontend import frontend_bench
@@ -130,11 +129,7 @@ def _run_stage(
         args = (batches, cfg.min_seconds, cfg.repeats, cfg.seed)
         return {"model": tower_bench(checkpoint, device, *args)}
     if stage == "naive":
-        from avindex.bench.naive import naive_bench
-
-        n = max(1, cfg.naive_videos)
-        args = (embed_cfg.hop, cfg.repeats)
-        return {"naive": naive_bench(corpus.paths[:n], corpus.durations[:n], checkpoint, *args)}
+        return {"naive": _naive(corpus, checkpoint, cfg, embed_cfg)}
     if stage == "embed":
         from avindex.bench.pipeline import embed_bench
 
@@ -151,14 +146,34 @@ def _run_stage(
     return {"index": index_bench(work, *args)}
 
 
-def _nvdec(corpus: Any, acfg: Any, vcfg: Any, hop: float) -> dict[str, Any]:
-    """NVDEC bounds on the corpus, or the reason they could not run (no GPU DALI build...)."""
-    from avindex.bench.gpu import nvdec_bench
-    from avindex.media import probe
+def _naive(corpus: Any, checkpoint: Any, cfg: BenchConfig, embed_cfg: EmbedConfig) -> dict:
+    """The naive pipeline on the first videos, unless it would hold too many frames."""
+    from avindex.bench.naive import naive_bench
 
-    infos = [probe(p) for p in corpus.paths]
-    sizes = [(i.n_frames or 0, i.width or 0, i.height or 0) for i in infos]
-    try:
-        return nvdec_bench(corpus.paths, corpus.durations, sizes, acfg, vcfg, hop)
-    except Exception as exc:  # reported in the result; the other stages still measure
-        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    n = max(1, cfg.naive_videos)
+    info = corpus.infos[0]
+    frames_bytes = (info.n_frames or 0) * (info.width or 0) * (info.height or 0) * 3
+    if frames_bytes > cfg.naive_max_bytes:
+        return {
+            "skipped": f"the naive pipeline would hold {frames_bytes / 2**30:.1f} GiB of frames "
+            f"(limit {cfg.naive_max_bytes / 2**30:.0f} GiB)"
+        }
+    args = (embed_cfg.hop, cfg.repeats)
+    return naive_bench(corpus.paths[:n], corpus.durations[:n], checkpoint, *args)
+
+
+def _gpu_decode(paths: list[Path], durations: list[float], cfg: BenchConfig) -> dict[str, Any]:
+    """NVDEC sweep and DALI's video decoder on the videos, or why they could not run."""
+    from avindex.bench import gpu
+
+    out: dict[str, Any] = {}
+    for name, run in (
+        ("nvdec", lambda: gpu.nvdec_sweep(paths, durations, cfg.nvdec_sessions)),
+        ("dali", lambda: gpu.dali_decode_all(paths, durations)),
+    ):
+        try:
+            out[name] = run()
+        except Exception as exc:  # reported in the result; the other stages still measure
+            log.exception("bench %s failed", name)
+            out[name] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    return out
