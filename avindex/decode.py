@@ -552,92 +552,130 @@ def _read(
             stats.notes.append(unusable)
             audio = None  # not sound avindex can use: the clips get has_audio = False
         set_threads(video, threads)
-        origin = float(start_pts(video, None) * video.time_base)
-        reader = _MomentReader(path, schedule, origin, audio_cfg, video_cfg, stats)
-        reader.audio_done = audio is None
-        clock = PacketClock(video.time_base)
-        export: PacketExport | None = None
+        demux = _DemuxPass(path, container, video, audio, schedule, audio_cfg, video_cfg, stats)
+        yield from demux.run(mode, skip)
+
+
+class _DemuxPass:
+    """One pass over a file's packets: audio decoded here, video frames decoded here, skipped, or
+    exported as packets (NVDEC), clips released as they complete."""
+
+    def __init__(
+        self,
+        path: str,
+        container: av.container.InputContainer,
+        video: av.video.VideoStream,
+        audio: av.audio.AudioStream | None,
+        schedule: Schedule,
+        audio_cfg: AudioConfig,
+        video_cfg: VideoConfig,
+        stats: DecodeStats,
+    ) -> None:
+        self.path, self.container, self.video, self.audio = path, container, video, audio
+        self.schedule, self.clip_seconds, self.stats = schedule, audio_cfg.clip_seconds, stats
+        self.origin = float(start_pts(video, None) * video.time_base)
+        self.reader = _MomentReader(path, schedule, self.origin, audio_cfg, video_cfg, stats)
+        self.reader.audio_done = audio is None
+        self.clock = PacketClock(video.time_base)
+        self.export: PacketExport | None = None
+        self.handler: _PyAVFrames | _NoFrames | _Exporter = _NoFrames()
+        self.skip = False
+
+    def run(self, mode: str, skip: bool) -> Iterator[MomentData | StreamHeader | PacketBatch | str]:
+        """Demux to the end, then drain the decoders and release the last clips."""
+        self.skip = skip
+        # Export decides where frames are decoded once the first frame is known.
         pending: list[av.Packet] | None = [] if mode == "export" else None
-
-        def frames_here() -> _PyAVFrames:
-            intra_only = video.codec_context.codec.intra_only
-            codec_skips = video.codec_context.name in SKIP_NONREF_CODECS or intra_only
-            stats.skipping = skip and codec_skips
-            planner = _FramePlanner(schedule, video.time_base, origin, stats.skipping)
-            return _PyAVFrames(video, planner, reader, stats)
-
-        def start_export(probed: av.VideoFrame | None) -> Iterator[StreamHeader | str]:
-            """Decide where the frames are decoded, once the first frame is known."""
-            nonlocal handler, export
-            why = nvdec_unsupported(video, probed)
-            if why is not None:
-                handler = frames_here()
-                yield why
-                return
-            reader.skip_frames()
-            schedule.extend_to(reader.seen_end)
-            stats.skipping = True  # timestamps permitting: the planner says
-            export = PacketExport(video)
-            handler = _Exporter(_FramePlanner(schedule, video.time_base, origin, True), export)
-            yield stream_header(video, origin, probed, export)
-
-        handler: _PyAVFrames | _NoFrames | _Exporter
         if mode == "frames":
-            handler = frames_here()
+            self.handler = self._frames_here()
         else:
-            handler = _NoFrames()
-            reader.skip_frames()
+            self.reader.skip_frames()
         if pending is not None:
-            reader.frames = True  # until the first frame says where frames are decoded
-        for packet in _packets(container, [s for s in (video, audio) if s is not None], path):
+            self.reader.frames = True  # until the first frame says where frames are decoded
+        streams = [s for s in (self.video, self.audio) if s is not None]
+        for packet in _packets(self.container, streams, self.path):
             if packet.size == 0:
                 continue  # end-of-stream markers: the decoders are drained below
-            if packet.stream is audio:
-                for frame in _decode(audio.codec_context, packet, stats):
-                    reader.add_audio(frame)
+            if packet.stream is self.audio:
+                for frame in _decode(self.audio.codec_context, packet, self.stats):
+                    self.reader.add_audio(frame)
+            elif pending is None:
+                self._count(packet)
+                self.handler.add(packet)
             else:
-                if clock.add(packet):
-                    stats.frames_total += 1
-                    reader.video_packet(clock.last_seconds - origin)
-                if pending is None:
-                    handler.add(packet)
-                else:
-                    pending.append(packet)
-                    n = len(pending)
-                    # Probe at 1, 2, 4, ... packets: usually the first (a keyframe) is enough.
-                    probed = first_frame(video, pending) if n & (n - 1) == 0 else None
-                    if probed is not None or n >= _PROBE_LIMIT:
-                        yield from start_export(probed)
-                        for held in pending:
-                            handler.add(held)
-                        pending = None
-            if export is not None and len(export.batch) >= EXPORT_BATCH:
-                yield export.take()
-            yield from reader.ready()
+                self._count(packet)
+                pending.append(packet)
+                n = len(pending)
+                # Probe at 1, 2, 4, ... packets: usually the first (a keyframe) is enough.
+                probed = first_frame(self.video, pending) if n & (n - 1) == 0 else None
+                if probed is not None or n >= _PROBE_LIMIT:
+                    yield from self._start(probed, pending)
+                    pending = None
+            if self.export is not None and len(self.export.batch) >= EXPORT_BATCH:
+                yield self.export.take()
+            yield from self.reader.ready()
         if pending is not None:  # a stream shorter than the probe needed
-            yield from start_export(first_frame(video, pending))
-            for held in pending:
-                handler.add(held)
-        handler.flush()  # also after a damaged tail ended the demuxing early
-        if export is not None:
-            if len(export.batch):
-                yield export.take()
-            stats.skipping = handler.planner.enabled
-        elif isinstance(handler, _PyAVFrames):
-            stats.skipping = stats.skipping and handler.planner.enabled
-        if audio is not None:
-            _drain_audio(audio, reader, stats)
-        if stats.bad_packets:
-            log.warning("%s: skipped %d undecodable packets", path, stats.bad_packets)
-        duration = clock.duration(start_pts(video, clock.first_pts)) if clock.count else None
-        if not schedule.closed:
-            if duration is None or (reader.frames and reader.picker.prev is None):
-                raise MediaError(f"{path}: no decodable video frames")
-            if duration + EPS < audio_cfg.clip_seconds:
-                raise MediaError(f"{path}: shorter than one clip ({duration:.3f} s)")
-        stats.duration = duration
-        reader.finish(duration)
-        yield from reader.ready()
+            yield from self._start(first_frame(self.video, pending), pending)
+        yield from self._finish()
+
+    def _count(self, packet: av.Packet) -> None:
+        if self.clock.add(packet):
+            self.stats.frames_total += 1
+            self.reader.video_packet(self.clock.last_seconds - self.origin)
+
+    def _frames_here(self) -> _PyAVFrames:
+        codec = self.video.codec_context
+        codec_skips = codec.name in SKIP_NONREF_CODECS or codec.codec.intra_only
+        self.stats.skipping = self.skip and codec_skips
+        planner = _FramePlanner(
+            self.schedule, self.video.time_base, self.origin, self.stats.skipping
+        )
+        return _PyAVFrames(self.video, planner, self.reader, self.stats)
+
+    def _start(
+        self, probed: av.VideoFrame | None, held: list[av.Packet]
+    ) -> Iterator[StreamHeader | str]:
+        """Decide where the frames are decoded, once the first frame is known; then hand over
+        the packets held meanwhile."""
+        why = nvdec_unsupported(self.video, probed)
+        if why is not None:
+            self.handler = self._frames_here()
+            yield why
+        else:
+            self.reader.skip_frames()
+            self.schedule.extend_to(self.reader.seen_end)
+            self.stats.skipping = True  # timestamps permitting: the planner says
+            self.export = PacketExport(self.video)
+            planner = _FramePlanner(self.schedule, self.video.time_base, self.origin, True)
+            self.handler = _Exporter(planner, self.export)
+            yield stream_header(self.video, self.origin, probed, self.export)
+        for packet in held:
+            self.handler.add(packet)
+
+    def _finish(self) -> Iterator[MomentData | PacketBatch]:
+        """Drain the decoders (also after a damaged tail ended the demuxing early), check the
+        video's length, release the remaining clips."""
+        self.handler.flush()
+        if self.export is not None:
+            if len(self.export.batch):
+                yield self.export.take()
+            self.stats.skipping = self.handler.planner.enabled
+        elif isinstance(self.handler, _PyAVFrames):
+            self.stats.skipping = self.stats.skipping and self.handler.planner.enabled
+        if self.audio is not None:
+            _drain_audio(self.audio, self.reader, self.stats)
+        if self.stats.bad_packets:
+            log.warning("%s: skipped %d undecodable packets", self.path, self.stats.bad_packets)
+        clock = self.clock
+        duration = clock.duration(start_pts(self.video, clock.first_pts)) if clock.count else None
+        if not self.schedule.closed:
+            if duration is None or (self.reader.frames and self.reader.picker.prev is None):
+                raise MediaError(f"{self.path}: no decodable video frames")
+            if duration + EPS < self.clip_seconds:
+                raise MediaError(f"{self.path}: shorter than one clip ({duration:.3f} s)")
+        self.stats.duration = duration
+        self.reader.finish(duration)
+        yield from self.reader.ready()
 
 
 def _seek_before(
