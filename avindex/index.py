@@ -153,8 +153,9 @@ def choose_factory(n: int, d: int, max_memory: int, cfg: IndexConfig | None = No
 
     Exact Flat up to cfg.exact_limit vectors; IVF-Flat while it fits (rather than HNSW: it trains
     and adds in seconds on few cores, runs on faiss GPU, and nprobe tunes recall); OPQ + IVF-PQ
-    with the largest code that fits beyond that (searched with an exact re-rank). nlist grows
-    as ~4*sqrt(n); from HNSW_QUANTIZER_FROM vectors the lists are found through an HNSW graph.
+    with the largest code that fits beyond that (searched with an exact re-rank); past that, the
+    largest code with its inverted lists on disk, larger than RAM. nlist grows as ~4*sqrt(n);
+    from HNSW_QUANTIZER_FROM vectors the lists are found through an HNSW graph.
     """
     cfg = cfg or IndexConfig()
     nlist = _nlist(n, d, max_memory)
@@ -165,13 +166,16 @@ def choose_factory(n: int, d: int, max_memory: int, cfg: IndexConfig | None = No
     coarse = f"IVF{nlist}_HNSW{HNSW_M}" if n >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
     if estimate_memory(f"{coarse},Flat", n, d) <= budget:
         return f"{coarse},Flat"
-    for m in (64, 48, 32, 24, 16, 8, 4):
-        if m > d // 2 or d % m:
-            continue  # each PQ sub-vector needs >= 2 dims and OPQ needs d_out divisible by m
-        d_out = min(d, 4 * m)
-        factory = f"OPQ{m}_{d_out},{coarse},PQ{m}"
+    codes = [m for m in (64, 48, 32, 24, 16, 8, 4) if m <= d // 2 and not d % m]
+    for m in codes:  # each PQ sub-vector needs >= 2 dims and OPQ needs d_out divisible by m
+        factory = f"OPQ{m}_{min(d, 4 * m)},{coarse},PQ{m}"
         if estimate_memory(factory, n, d) <= budget:
             return factory
+    # Larger than the budget: built in parts and merged on disk, the inverted lists stay there
+    # (search memory-maps them); only the coarse quantizer and the OPQ/PQ tables live in RAM.
+    factory = f"OPQ{codes[0]}_{min(d, 4 * codes[0])},{coarse},PQ{codes[0]}" if codes else None
+    if factory is not None and estimate_memory(factory, 0, d) <= budget:
+        return factory
     raise AvindexError(
         f"--max-memory {max_memory}: too small for {n} vectors of dim {d} "
         f"(the smallest index needs ~{estimate_memory(f'{coarse},PQ4', n, d) >> 20} MiB "

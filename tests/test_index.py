@@ -22,6 +22,7 @@ from avindex.errors import AvindexError
 from avindex.index import (
     build_index,
     choose_factory,
+    estimate_memory,
     indexed_store,
     load_index,
     parse_size,
@@ -214,8 +215,13 @@ def test_choose_factory_tiers() -> None:
     assert choose_factory(1_000_000, 128, 4 << 30, cfg).endswith(",Flat")
     assert choose_factory(1_000_000, 128, 4 << 30, cfg).startswith("IVF")
     assert choose_factory(20_000_000, 128, 4 << 30, cfg).startswith("OPQ")
+    # A million hours of clips: larger than RAM, so the lists stay on disk (parts merged there)
+    # and only the coarse quantizer and OPQ/PQ tables must fit the budget.
+    huge = choose_factory(3_600_000_000, 128, 4 << 30, cfg)
+    assert huge.startswith("OPQ64_128,IVF") and "_HNSW32," in huge and huge.endswith(",PQ64")
+    assert estimate_memory(huge, 3_600_000_000, 128) > 100 << 30
     with pytest.raises(AvindexError, match="max-memory"):
-        choose_factory(10**9, 128, 1 << 30, cfg)
+        choose_factory(10**9, 128, 1 << 20, cfg)
     assert parse_size("4G") == 4 << 30 and parse_size("512m") == 512 << 20
     assert parse_size("1000") == 1000
     with pytest.raises(AvindexError):
