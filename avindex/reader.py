@@ -70,14 +70,7 @@ def decode_video(
     """Worker job: every clip of one video in chunks; returns its DecodeStats and wall time."""
     started = time.perf_counter()
     stats = DecodeStats()
-    chunk: list = []
-    for data in read_clip_grid(path, hop, audio_cfg, video_cfg, threads, stats=stats):
-        chunk.append(data)
-        if len(chunk) == CHUNK_CLIPS:
-            yield _pack(chunk)
-            chunk = []
-    if chunk:
-        yield _pack(chunk)
+    yield from _chunked(read_clip_grid(path, hop, audio_cfg, video_cfg, threads, stats=stats))
     return stats, time.perf_counter() - started
 
 
@@ -89,8 +82,14 @@ def export_video(
     ClipChunks with frames, as decode_video. Returns its DecodeStats and wall time."""
     started = time.perf_counter()
     stats = DecodeStats()
+    yield from _chunked(read_for_nvdec(path, hop, audio_cfg, video_cfg, stats=stats))
+    return stats, time.perf_counter() - started
+
+
+def _chunked(items: Iterable) -> Iterator:
+    """Moments packed CHUNK_CLIPS at a time into ClipChunks; anything else passes through."""
     chunk: list[MomentData] = []
-    for item in read_for_nvdec(path, hop, audio_cfg, video_cfg, stats=stats):
+    for item in items:
         if not isinstance(item, MomentData):
             yield item
             continue
@@ -100,7 +99,6 @@ def export_video(
             chunk = []
     if chunk:
         yield _pack(chunk)
-    return stats, time.perf_counter() - started
 
 
 def _pack(data: list) -> ClipChunk:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from avindex.catalog import Catalog
-from avindex.store import StoreMeta, VideoRecord
+from avindex.store import Store, StoreMeta, VideoRecord
 
 DIM = 8
 
@@ -52,6 +52,13 @@ def video_index(record: VideoRecord) -> int:
 def corpus(n: int) -> list[VideoRecord]:
     """Records of videos 0..n-1 as multi-writer runs embed them."""
     return [fake_video(i, clips_of(i))[0] for i in range(n)]
+
+
+def clip_rows(store_dir: Path) -> collections.Counter:
+    """(video file name, t0) -> rows showing that clip: equal for stores of the same videos."""
+    store = Store(store_dir)
+    refs = store.clips(range(store.num_clips))
+    return collections.Counter((Path(c.path).name, c.t0) for c in refs)
 
 
 def copies_on_disk(store_dir: Path) -> collections.Counter:

@@ -13,15 +13,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
-from storefactory import copies_on_disk
+from storefactory import clip_rows, copies_on_disk
 
 from avindex.config import EmbedConfig, SynthConfig
 from avindex.embed import embed_paths
 from avindex.model import random_checkpoint
 from avindex.scan import find_media
-from avindex.store import Store
 from avindex.synth import make_corpus
 
 pytestmark = pytest.mark.slow
@@ -56,12 +54,7 @@ def reference(corpus: Path, tmp_path_factory) -> Counter:
     """(video, t0) rows of one uninterrupted run."""
     out = tmp_path_factory.mktemp("reference") / "store"
     embed_paths(find_media([corpus]), out, random_checkpoint(seed=0), CFG)
-    return _rows(out)
-
-
-def _rows(store_dir: Path) -> Counter:
-    store = Store(store_dir)
-    return Counter((Path(c.path).name, c.t0) for c in store.clips(np.arange(store.num_clips)))
+    return clip_rows(out)
 
 
 def _embed(corpus: Path, store: Path, part: str | None = None) -> subprocess.Popen:
@@ -92,7 +85,7 @@ def test_embed_processes_killed_and_restarted_store_every_clip_once(
     assert kills >= 1, "no writer was running when it was meant to be killed"
     copies = copies_on_disk(store)
     assert len(copies) == 24 and max(copies.values()) == 1, "a video written twice"
-    assert _rows(store) == reference
+    assert clip_rows(store) == reference
 
 
 def test_parts_in_separate_processes_fill_the_store_of_one_run(
@@ -102,5 +95,5 @@ def test_parts_in_separate_processes_fill_the_store_of_one_run(
     procs = [_embed(corpus, store, f"{k}/2") for k in range(2)]
     for proc in procs:
         assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
-    assert _rows(store) == reference
+    assert clip_rows(store) == reference
     assert max(copies_on_disk(store).values()) == 1

@@ -8,15 +8,13 @@ import signal
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
-from storefactory import copies_on_disk
+from storefactory import clip_rows, copies_on_disk
 
 from avindex.config import EmbedConfig, SynthConfig
 from avindex.embed import embed_paths
 from avindex.model import random_checkpoint
 from avindex.scan import find_media
-from avindex.store import Store
 from avindex.synth import make_corpus
 
 pytestmark = pytest.mark.slow
@@ -36,12 +34,7 @@ def corpus(tmp_path_factory) -> Path:
 def reference(corpus: Path, tmp_path_factory) -> Counter:
     out = tmp_path_factory.mktemp("ray_reference") / "store"
     embed_paths(find_media([corpus]), out, random_checkpoint(seed=0), CFG)
-    return _rows(out)
-
-
-def _rows(store_dir: Path) -> Counter:
-    store = Store(store_dir)
-    return Counter((Path(c.path).name, c.t0) for c in store.clips(np.arange(store.num_clips)))
+    return clip_rows(out)
 
 
 def _actor_pids() -> list[int]:
@@ -65,7 +58,7 @@ def test_ray_embed_gives_the_clips_of_one_process(ray_local, corpus, reference, 
     report = embed_on_ray(find_media([corpus]), store, random_checkpoint(seed=0), CFG)
     assert report.videos_done == 12 and report.videos_failed == 0
     assert report.clips == sum(reference.values())
-    assert _rows(store) == reference
+    assert clip_rows(store) == reference
     again = embed_on_ray(find_media([corpus]), store, random_checkpoint(seed=0), CFG)
     assert again.videos_skipped == 12 and again.videos_done == 0
 
@@ -88,5 +81,5 @@ def test_a_killed_actor_is_retried_and_every_clip_is_stored_once(
         find_media([corpus]), store, random_checkpoint(seed=0), CFG, on_progress=kill_an_actor
     )
     assert killed, "no actor process was found to kill"
-    assert _rows(store) == reference
+    assert clip_rows(store) == reference
     assert max(copies_on_disk(store).values()) == 1
