@@ -16,6 +16,7 @@ from avindex.config import DemoConfig, replace
 
 if TYPE_CHECKING:
     from avindex.evaluate import EvalReport
+    from avindex.labels import VideoLabels
 
 
 @dataclass
@@ -57,10 +58,11 @@ def write_queries(held_out: Path, labels_file: Path, out: Path, cfg: DemoConfig)
     from PIL import Image
 
     from avindex.config import AudioConfig, VideoConfig
+    from avindex.labels import load_labels
     from avindex.media import clip_moment, read_moments
-    from avindex.synth import load_labels, write_video
+    from avindex.synth import write_video
 
-    per_second = load_labels(labels_file)[held_out.name]
+    per_second = load_labels(labels_file)[held_out.name].dense()
     # Seconds in the middle of a segment, one per class, so each query is one clean event.
     middles = [s for s in range(1, len(per_second) - 1) if len(set(per_second[s - 1 : s + 2])) == 1]
     chosen: dict[int, int] = {}
@@ -91,9 +93,9 @@ def write_queries(held_out: Path, labels_file: Path, out: Path, cfg: DemoConfig)
     return queries
 
 
-def _result_labels(hits: list, labels: dict[str, np.ndarray], corpus: Path) -> list[int]:
+def _result_labels(hits: list, labels: dict[str, VideoLabels], corpus: Path) -> list[int]:
     """Ground-truth class of each hit (the second holding the clip's centre)."""
-    from avindex.synth import clip_labels
+    from avindex.labels import clip_labels
 
     return [
         int(clip_labels(labels[Path(h.path).relative_to(corpus).as_posix()], np.array([h.t0]))[0])
@@ -107,12 +109,13 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> DemoReport:
     from avindex.embed import embed_paths
     from avindex.evaluate import evaluate
     from avindex.index import build_index
+    from avindex.labels import load_labels
     from avindex.model import load_checkpoint
     from avindex.presets import SMALL
     from avindex.scan import find_media
     from avindex.search import Query, search
     from avindex.sheet import write_sheet
-    from avindex.synth import load_labels, make_corpus
+    from avindex.synth import make_corpus
     from avindex.train import train
 
     out = Path(cfg.out).resolve()

@@ -51,8 +51,8 @@ def test_demo_trains_on_the_device_it_was_given(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_train(videos, run, model_cfg, audio_cfg, video_cfg, train_cfg, labels):
-        seen["device"] = train_cfg.device
+    def fake_train(videos, run, preset, labels):
+        seen["device"] = preset.train.device
         raise Stop
 
     monkeypatch.setattr(train, "train", fake_train)
