@@ -11,7 +11,7 @@ import math
 import signal
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from avindex.distributed import (
 from avindex.errors import AvindexError
 from avindex.labels import VideoLabels, clip_labels, labels_by_path
 from avindex.metrics import retrieval
-from avindex.model import L3Net, autocast, load_checkpoint, save_checkpoint
+from avindex.model import Checkpoint, L3Net, autocast, load_checkpoint, save_checkpoint
 from avindex.pairs import Batch, PairStream, ValSet, Video, read_val_set, split_videos
 from avindex.pairs import usable_videos as probe_videos
 from avindex.pipelines import Preprocessor
@@ -220,12 +220,14 @@ class EarlyStopping:
 
     value: float = -math.inf
     step: int = -1  # step of the best model
+    validated_at: int = -1  # step of the last validation
     improved_at: int = 0  # last step the criterion rose by at least min_delta
     lr_drops: int = 0  # learning-rate drops so far (OptimConfig.lr_drop)
     dropped_at: int = 0
 
     def update(self, step: int, value: float, min_delta: float) -> bool:
         """Record a validation; True when it is the best so far (best.pt follows it)."""
+        self.validated_at = step
         if value >= self.value + min_delta:
             self.improved_at = step
         if value > self.value:
@@ -247,12 +249,23 @@ class EarlyStopping:
 
 @dataclass
 class RunState:
-    """What the loop changes as it goes; last.pt saves it so a resumed run continues."""
+    """What the loop changes as it goes (checkpoints save it so a resumed run continues)."""
 
     step: int = 0
     stopping: EarlyStopping = field(default_factory=EarlyStopping)
     best: dict[str, Any] = field(default_factory=dict)  # validation of the best model
     last_val: dict[str, Any] = field(default_factory=dict)
+    # A copy of the best model and its optimiser state, on every rank: the fold-in starts there.
+    best_weights: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Validation:
+    """The fixed held-out moments and the label each one is retrieved by."""
+
+    moments: ValSet
+    labels: np.ndarray
+    by: str  # class (a labels file was given) | video
 
 
 def learning_rate(step: int, cfg: OptimConfig, drops: int) -> float:
@@ -327,30 +340,13 @@ class StepBar:
     """Rich progress bar with loss, accuracy, pairs/s and data-wait share (a no-op if disabled)."""
 
     def __init__(self, enabled: bool, total: int, done: int) -> None:
-        self.bar = None
         self.ema: dict[str, float] = {}
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f}"),
-            TextColumn("{task.fields[pps]:.0f} pairs/s, data wait {task.fields[wait]:.0%}"),
-            TimeElapsedColumn(),
-        )
-        self.bar.start()
-        self.task = self.bar.add_task(
-            "train", total=total, completed=done, loss=math.nan, acc=math.nan, pps=0.0, wait=0.0
-        )
+        self.bar = _rich_bar() if enabled else None
+        if self.bar is not None:
+            self.bar.start()
+            self.bar.add_task(
+                "train", total=total, completed=done, loss=math.nan, acc=math.nan, pps=0.0, wait=0.0
+            )
 
     def update(self, step: int, loss: float, acc: float, pps: float, wait: float) -> None:
         """Show step and smoothed loss/acc/pairs-per-second/wait share."""
@@ -358,12 +354,32 @@ class StepBar:
             return
         for key, value in (("loss", loss), ("acc", acc), ("pps", pps), ("wait", wait)):
             self.ema[key] = value if key not in self.ema else 0.9 * self.ema[key] + 0.1 * value
-        self.bar.update(self.task, completed=step, **self.ema)
+        self.bar.update(self.bar.task_ids[0], completed=step, **self.ema)
 
     def close(self) -> None:
         """Stop drawing."""
         if self.bar is not None:
             self.bar.stop()
+
+
+def _rich_bar() -> Any:
+    """The rich progress bar of a training run (rich is imported only when a bar is shown)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    return Progress(
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f}"),
+        TextColumn("{task.fields[pps]:.0f} pairs/s, data wait {task.fields[wait]:.0%}"),
+        TimeElapsedColumn(),
+    )
 
 
 def wrap_ddp(model: L3Net, dist: Dist) -> torch.nn.Module:
@@ -399,8 +415,9 @@ class Trainer:
         self.out, self.cfg = Path(out), preset.train
         cfg = self.cfg
         self.dist = dist = setup_dist(cfg.device)
-        self.stream: PairStream | None = None
-        try:
+        with ExitStack() as undo:  # a failed set-up releases what it took; run() does otherwise
+            if dist.initialised:
+                undo.callback(torch.distributed.destroy_process_group)
             # 1. Inputs, checked before anything is written: the run folder, labels, videos.
             check_run_folder(self.out, resume, overwrite)
             saved = load_checkpoint(self.out / LAST) if resume else None
@@ -420,7 +437,8 @@ class Trainer:
                     f"{len(self.train_videos)} training videos for {dist.world} process(es): "
                     "each process needs two or more"
                 )
-            # 2. Model, optimiser and loop state: fresh and seeded, or as last.pt left them.
+            # 2. Model, optimiser and loop state: fresh and seeded, or as the checkpoints left
+            # them (last.pt; best.pt holds the best model, which the fold-in starts from).
             if saved is None:
                 torch.manual_seed(cfg.seed)
                 model = L3Net(preset.model, preset.audio, preset.video, preset=preset.name)
@@ -430,58 +448,34 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(
                 self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
             )
-            self.state = RunState()
             if saved is not None:
                 self.optimizer.load_state_dict(saved.optimizer_state)
-                for group in self.optimizer.param_groups:  # a resumed run may be given others
+                for group in self.optimizer.param_groups:  # a resumed run may be given another
                     group["weight_decay"] = cfg.optim.weight_decay
                 restore_rng(saved.rng)
-                self.state = RunState(
-                    saved.step,
-                    EarlyStopping(**saved.extra.get("early_stopping", {})),
-                    dict(saved.extra.get("best") or {}),
-                    dict(saved.extra.get("val") or {}),
-                )
-            # The best model so far, kept on every rank: the fold-in starts from it.
-            best_file = self.out / BEST
-            if saved is not None and best_file.exists():
-                best = load_checkpoint(best_file, device=dist.device)
-                self.best_state = _state(best.model, best.optimizer_state)
-            else:
-                self.best_state = _state(self.model, self.optimizer.state_dict())
+            self.state = self._loop_state(saved)
             # 3. Validation set (rank 0): fixed held-out moments and their retrieval labels.
-            self.val: ValSet | None = None
-            self.val_labels, self.retrieval_by = np.zeros(0, np.int64), "video"
-            if dist.main and self.val_videos:
-                self.val = read_val_set(
-                    self.val_videos,
-                    self.model.audio_cfg,
-                    self.model.video_cfg,
-                    cfg.val.val_samples,
-                    self._preprocessor(train=False, seed=cfg.seed),
-                    cfg.seed,
-                )
-                self.val_labels, self.retrieval_by = retrieval_labels(
-                    table, self.val, self.val_videos, clip
-                )
+            self.validation = (
+                self._validation_set(table, clip) if dist.main and self.val_videos else None
+            )
             # 4. The training stream over this rank's shard; a fresh model takes its spectrogram
             # statistics from the first batch (not trained on).
+            step = self.state.step
             self.stream = PairStream(
                 shard,
                 self.model.audio_cfg,
                 self.model.video_cfg,
                 cfg.data,
                 cfg.augment,
-                self._preprocessor(
-                    train=True, seed=_seed_for(cfg.seed, dist.rank, self.state.step)
-                ),
-                seed=(cfg.seed, dist.rank, self.state.step),
+                self._preprocessor(train=True, seed=_seed_for(cfg.seed, dist.rank, step)),
+                seed=(cfg.seed, dist.rank, step),
                 cuda_device=dist.local_rank if self._pre_device == "cuda" else None,
             ).start()
+            undo.callback(self.stream.close)
             if saved is None:
                 specs = self.stream.next().specs
                 self.model.set_spec_stats(specs.mean().item(), specs.std().item())
-            # 5. Data parallel wrapping, after the statistics so rank 0's reach every rank.
+            # 5. Data-parallel wrapping, after the statistics so rank 0's reach every rank.
             self.net = wrap_ddp(self.model, dist)
             # 6. Budgets: the main phase leaves the fold-in its share of steps and time.
             self.patience = patience_steps(cfg.val, cfg.time_limit)
@@ -495,14 +489,35 @@ class Trainer:
                     for name in RUN_FILES:
                         (self.out / name).unlink(missing_ok=True)
             self.log = MetricsLog(self.out / METRICS if dist.main else None)
-            self.bar = StepBar(progress and dist.main, cfg.max_steps, self.state.step)
-        except BaseException:
-            # run() (which normally releases these) will never be called on this trainer.
-            if self.stream is not None:
-                self.stream.close()
-            if dist.initialised:
-                torch.distributed.destroy_process_group()
-            raise
+            self.bar = StepBar(progress and dist.main, cfg.max_steps, step)
+            undo.pop_all()
+
+    def _loop_state(self, saved: Checkpoint | None) -> RunState:
+        """A fresh loop state, or the one a checkpoint saved (with the best model's weights)."""
+        if saved is None:
+            return RunState(best_weights=_copy(self.model, self.optimizer.state_dict()))
+        best_file = self.out / BEST
+        best = load_checkpoint(best_file, self.dist.device) if best_file.exists() else saved
+        return RunState(
+            saved.step,
+            config.from_dict(EarlyStopping, saved.extra.get("early_stopping") or {}),
+            dict(saved.extra.get("best") or {}),
+            dict(saved.extra.get("val") or {}),
+            _copy(best.model, best.optimizer_state or self.optimizer.state_dict()),
+        )
+
+    def _validation_set(self, table: dict[str, VideoLabels] | None, clip: float) -> Validation:
+        """Decode the held-out moments once; label them for retrieval (class, else video)."""
+        moments = read_val_set(
+            self.val_videos,
+            self.model.audio_cfg,
+            self.model.video_cfg,
+            self.cfg.val.val_samples,
+            self._preprocessor(train=False, seed=self.cfg.seed),
+            self.cfg.seed,
+        )
+        labels, by = retrieval_labels(table, moments, self.val_videos, clip)
+        return Validation(moments, labels, by)
 
     @property
     def _pre_device(self) -> str:
@@ -536,8 +551,8 @@ class Trainer:
         try:
             with stop_signals() as flag:
                 # Main phase: the training videos; validate, keep the best, stop early.
-                stopped = self._steps(flag, self.main_steps, self.main_seconds, self.patience)
-                if self.val_videos and state.last_val.get("step") != state.step:
+                stopped = self._steps(flag, self.main_steps, self.main_seconds, main=True)
+                if self.val_videos and state.stopping.validated_at != state.step:
                     self._validate()
                 self._save(LAST, stopped=stopped)
                 # Fold-in: from the best model, every video (the held-out ones too).
@@ -563,14 +578,14 @@ class Trainer:
         return TrainResult(self.out, state.step, stopped, state.last_val, state.best, fold, seconds)
 
     def _steps(
-        self, flag: dict[str, bool], max_steps: int, seconds: float | None, patience: int
+        self, flag: dict[str, bool], max_steps: int, seconds: float | None, main: bool
     ) -> str:
-        """Optimiser steps until a stop reason (the same on every rank). In the main phase
-        (patience given or not) every `val_every` steps validate and every `checkpoint_every`
-        steps write last.pt; the fold-in (`patience` None) only trains."""
+        """Optimiser steps until a stop reason (the same on every rank). The main phase also
+        validates every `val_every` steps, stops early after `patience` steps without a better
+        criterion, and writes last.pt every `checkpoint_every` steps; the fold-in only trains."""
         cfg, state = self.cfg, self.state
-        main = patience is not None
-        while (stopped := self._stop_reason(flag, max_steps, seconds, patience or 0)) is None:
+        patience = self.patience if main else 0
+        while (stopped := self._stop_reason(flag, max_steps, seconds, patience)) is None:
             t0 = time.monotonic()
             batch = self.stream.next()
             wait = time.monotonic() - t0
@@ -644,9 +659,10 @@ class Trainer:
         the model (the fold-in starts from it) and rank 0 writes best.pt."""
         state = self.state
         value = math.nan
-        if self.val is not None:
+        if self.validation is not None:
+            v = self.validation
             metrics = validation_metrics(
-                self.model, self.val, self.val_labels, self.retrieval_by, self.cfg.data.batch_size
+                self.model, v.moments, v.labels, v.by, self.cfg.data.batch_size
             )
             state.last_val = {"step": state.step, **metrics}
             value = metrics[CRITERION]
@@ -656,20 +672,20 @@ class Trainer:
         self.log.write({"kind": "val", **state.last_val, "best": best, "lr_dropped": dropped})
         if best:
             state.best = dict(state.last_val)
-            self.best_state = _state(self.model, self.optimizer.state_dict())
+            state.best_weights = _copy(self.model, self.optimizer.state_dict())
             self._save(BEST)
 
     def _fold_in(self, flag: dict[str, bool]) -> dict[str, Any]:
         """Train from the best model on every video for fold_in x its steps (at least
         min_fold_steps) within the run's step and time budgets."""
         cfg, state, dist = self.cfg, self.state, self.dist
-        self.model.load_state_dict(self.best_state["model"])
-        self.optimizer.load_state_dict(self.best_state["optimizer"])
+        self.model.load_state_dict(state.best_weights["model"])
+        self.optimizer.load_state_dict(state.best_weights["optimizer"])
         self.stream.include(self.val_videos[dist.rank :: dist.world])
         start = state.step
         wanted = max(cfg.val.min_fold_steps, math.ceil(cfg.val.fold_in * state.stopping.step))
         planned = min(wanted, cfg.max_steps - start)
-        stopped = self._steps(flag, start + planned, cfg.time_limit, None)
+        stopped = self._steps(flag, start + planned, cfg.time_limit, main=False)
         return {
             "from_step": state.stopping.step,
             "videos": len(self.val_videos),
@@ -701,7 +717,7 @@ class Trainer:
         )
 
 
-def _state(model: torch.nn.Module, optimizer_state: dict[str, Any]) -> dict[str, Any]:
+def _copy(model: torch.nn.Module, optimizer_state: dict[str, Any]) -> dict[str, Any]:
     """A detached copy of model and optimiser state (to return to the best model later)."""
     return {
         "model": {k: v.detach().clone() for k, v in model.state_dict().items()},

@@ -452,9 +452,10 @@ def test_two_gloo_ranks_on_different_data_end_with_identical_weights(
     assert load_checkpoint(run / BEST).step == 10
 
 
-def test_validation_metrics_match_the_model_forward_on_each_pair(corpus: Path) -> None:
-    """The fast path (towers once per moment, the head on pairs) against a plain reference: the
-    model's forward on every (frame, audio) pair, one at a time."""
+def test_validation_metrics_match_the_model_forward_on_the_pairs() -> None:
+    """The fast path (towers once per moment, the head on the pairs) against a plain reference:
+    the model's forward on the same pairs in the same batches (each moment's positive, and its
+    frame with the audio of `negative_audio`)."""
     torch.manual_seed(0)
     p = _preset()
     model = L3Net(p.model, p.audio, p.video).eval()
@@ -468,21 +469,30 @@ def test_validation_metrics_match_the_model_forward_on_each_pair(corpus: Path) -
         negative_audio=np.array([3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 1, -1]),
     )
     labels = val.video.copy()
-    metrics = validation_metrics(model, val, labels, "video", batch_size=5)
-    frames_of = list(range(n)) + [i for i in range(n) if val.negative_audio[i] >= 0]
-    audio_of = list(range(n)) + [int(j) for j in val.negative_audio if j >= 0]
-    truth = [1] * n + [0] * (len(frames_of) - n)
-    correct = 0
-    with torch.no_grad():
-        for f, a, t in zip(frames_of, audio_of, truth, strict=True):
-            out = model(
-                val.frames[f : f + 1].float(), val.specs[a : a + 1].float(), torch.tensor([t])
-            )
-            correct += int(out.logits.argmax(1).item() == t)
-    assert metrics["val_pairs"] == len(truth) == 23 and metrics["val_videos"] == 4
-    assert metrics["val_acc"] == pytest.approx(correct / len(truth))
+    frames_of = np.array(list(range(n)) + [i for i in range(n) if val.negative_audio[i] >= 0])
+    audio_of = np.array(list(range(n)) + [int(j) for j in val.negative_audio if j >= 0])
+    truth = torch.tensor([1] * n + [0] * (len(frames_of) - n))
     vis = model.encode_visual(val.frames.float())
     aud = model.encode_audio(val.specs.float())
+    # An AVC threshold midway between the two middle pair similarities: about half the pairs
+    # called positive, so the accuracy depends on which audio each frame is paired with.
+    sims = torch.sort((vis[frames_of] * aud[audio_of]).sum(1)).values
+    model.head.threshold.fill_(float(sims[len(sims) // 2 - 1 : len(sims) // 2 + 1].mean()))
+    metrics = validation_metrics(model, val, labels, "video", batch_size=5)
+    order = np.random.default_rng(0).permutation(len(truth))  # the batches validation makes
+    correct, losses = 0, []
+    with torch.no_grad():
+        for i in range(0, len(order), 5):
+            rows = order[i : i + 5]
+            frames = val.frames[frames_of[rows]].float()
+            out = model(frames, val.specs[audio_of[rows]].float(), truth[rows])
+            correct += int((out.logits.argmax(1) == truth[rows]).sum())
+            losses.append(float(out.loss))
+    assert metrics["val_pairs"] == len(truth) == 23 and metrics["val_videos"] == 4
+    assert metrics["val_acc"] == pytest.approx(correct / len(truth))
+    assert 0.2 < metrics["val_acc"] < 0.8
+    assert metrics["val_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+    assert metrics["val_loss_se"] == pytest.approx(np.std(losses) / np.sqrt(len(losses)))
     a2v_hits = [labels[int(torch.argmax(vis @ aud[i]))] == labels[i] for i in range(n)]
     assert metrics["a2v_R@1"] == pytest.approx(np.mean(a2v_hits))
 
@@ -519,7 +529,7 @@ def test_early_stopping_state() -> None:
     stop = EarlyStopping()
     assert stop.update(10, 0.70, min_delta=0.01)
     assert stop.update(20, 0.705, min_delta=0.01), "a new best, though too small to count"
-    assert (stop.step, stop.improved_at, stop.waited(30)) == (20, 10, 20)
+    assert (stop.step, stop.improved_at, stop.waited(30), stop.validated_at) == (20, 10, 20, 20)
     assert not stop.update(30, 0.60, min_delta=0.01)
     assert stop.update(40, 0.80, min_delta=0.01) and stop.waited(40) == 0
 
