@@ -371,6 +371,7 @@ def _cli_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_sigint_stops_with_a_checkpoint(corpus: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cmd = [
