@@ -33,7 +33,14 @@ from avindex.distributed import (
 from avindex.errors import AvindexError
 from avindex.labels import VideoLabels, clip_labels, labels_by_path
 from avindex.metrics import retrieval
-from avindex.model import Checkpoint, L3Net, autocast, load_checkpoint, save_checkpoint
+from avindex.model import (
+    Checkpoint,
+    L3Net,
+    autocast,
+    best_threshold,
+    load_checkpoint,
+    save_checkpoint,
+)
 from avindex.pairs import Batch, PairStream, ValSet, Video, read_val_set, split_videos
 from avindex.pairs import usable_videos as probe_videos
 from avindex.pipelines import Preprocessor
@@ -46,8 +53,8 @@ LAST = "last.pt"
 BEST = "best.pt"
 METRICS = "metrics.jsonl"
 RUN_FILES = (LAST, BEST, METRICS)  # any of them means a run is in the folder
-CRITERION = "val_acc"  # what best.pt and early stopping follow (higher is better)
-CRITERION_TEXT = "AVC accuracy on the held-out pairs"
+CRITERION = "val_avc"  # what best.pt and early stopping follow (higher is better)
+CRITERION_TEXT = "AVC accuracy on the held-out pairs (best threshold)"
 
 
 @dataclass
@@ -110,7 +117,8 @@ def describe_choice(best: dict[str, Any]) -> str:
 def _val_line(val: dict[str, Any]) -> str:
     """Validation numbers in one line."""
     text = (
-        f"AVC acc {val['val_acc']:.3f} +/- {val['val_acc_se']:.3f}, "
+        f"AVC acc {val['val_avc']:.3f} +/- {val['val_avc_se']:.3f} "
+        f"(at the model's threshold {val['val_acc']:.3f}), "
         f"loss {val['val_loss']:.3f} +/- {val['val_loss_se']:.3f}"
     )
     if "a2v_R@1" in val:
@@ -157,7 +165,12 @@ def validation_metrics(
     model: L3Net, val: ValSet, labels: np.ndarray, by: str, batch_size: int
 ) -> dict[str, Any]:
     """AVC accuracy and loss, each with its standard error, on the fixed held-out pairs (every
-    moment's positive and negative); cross-modal R@1/R@10 over the moments for aligned heads."""
+    moment's positive and negative); cross-modal R@1/R@10 over the moments for aligned heads.
+
+    Two AVC accuracies: `val_avc` at the threshold that separates these pairs best (the
+    criterion: it measures how well the model tells corresponding pairs from the others, which
+    is what retrieval needs), and `val_acc` at the model's own decision threshold (tracked on
+    training batches, so it also moves when similarities on unseen videos shift as a whole)."""
     was_training = model.training
     model.eval()
     device = model.device
@@ -173,19 +186,21 @@ def validation_metrics(
     audio_of = np.concatenate([moments, val.negative_audio[has_negative]])
     pair_labels = np.concatenate([np.ones(len(val)), np.zeros(int(has_negative.sum()))])
     order = np.random.default_rng(0).permutation(len(frame_of))  # batches mix both kinds
-    correct, losses = 0, []
-    embeddings: dict[str, list[torch.Tensor]] = {"visual": [], "audio": []}
+    scores, losses = [], []
     for i in range(0, len(order), batch_size):
         rows = order[i : i + batch_size]
         lab = torch.from_numpy(pair_labels[rows]).long().to(device)
         with autocast(device):
             out = model.head(v[frame_of[rows]], a[audio_of[rows]], lab)
-        correct += int((out.logits.argmax(1) == lab).sum())
+        scores.append((out.logits[:, 1] - out.logits[:, 0]).float().cpu())
         losses.append(float(out.loss))
-    model.train(was_training)
+    score, positive = torch.cat(scores), torch.from_numpy(pair_labels[order] == 1)
     n = len(order)
-    acc = correct / n
+    acc = float(((score > 0) == positive).float().mean())
+    avc = float(((score > best_threshold(score, positive)) == positive).float().mean())
     metrics: dict[str, Any] = {
+        "val_avc": avc,
+        "val_avc_se": math.sqrt(avc * (1 - avc) / n),
         "val_acc": acc,
         "val_acc_se": math.sqrt(acc * (1 - acc) / n),
         "val_loss": float(np.mean(losses)),
@@ -195,10 +210,10 @@ def validation_metrics(
     }
     if model.aligned:
         with autocast(device):
-            embeddings["visual"] = model.head.visual(v).float().cpu()
-            embeddings["audio"] = model.head.audio(a).float().cpu()
+            vis_e = model.head.visual(v).float().cpu()
+            aud_e = model.head.audio(a).float().cpu()
         known = labels >= 0
-        vis_e, aud_e = embeddings["visual"][known], embeddings["audio"][known]
+        vis_e, aud_e = vis_e[known], aud_e[known]
         a2v = retrieval(aud_e, vis_e, labels[known], labels[known], ks=(1, 10))
         v2a = retrieval(vis_e, aud_e, labels[known], labels[known], ks=(1, 10))
         metrics.update(
@@ -211,6 +226,7 @@ def validation_metrics(
                 "chance_R@1": a2v.chance_recall[1],
             }
         )
+    model.train(was_training)
     return metrics
 
 

@@ -223,14 +223,15 @@ def test_validation_criterion_with_standard_error_chooses_best(trained) -> None:
     vals = _records(run, "val")
     assert [v["step"] for v in vals] == [20, MAIN_STEPS]
     for v in vals:
-        n, p = v["val_pairs"], v["val_acc"]
+        n, p = v["val_pairs"], v["val_avc"]
         assert n >= 2 * FAST["val_samples"] - 8 and v["val_videos"] == 2
-        assert v["val_acc_se"] == pytest.approx(np.sqrt(p * (1 - p) / n))
-    best_val = max(vals, key=lambda v: v["val_acc"])
+        assert v["val_avc_se"] == pytest.approx(np.sqrt(p * (1 - p) / n))
+        assert v["val_avc"] >= v["val_acc"], "the best threshold is at least as good"
+    best_val = max(vals, key=lambda v: v["val_avc"])
     assert [v["step"] for v in vals if v["best"]][-1] == best_val["step"] == result.best["step"]
     (choice,) = _records(run, "best")
     assert choice["step"] == best_val["step"] and "highest AVC accuracy" in choice["choice"]
-    assert f"+/- {best_val['val_acc_se']:.3f}" in choice["choice"]
+    assert f"+/- {best_val['val_avc_se']:.3f}" in choice["choice"]
     assert f"best.pt: step {best_val['step']}" in result.summary()
 
 
@@ -481,7 +482,7 @@ def test_validation_metrics_match_the_model_forward_on_the_pairs() -> None:
     model.head.threshold.fill_(float(sims[len(sims) // 2 - 1 : len(sims) // 2 + 1].mean()))
     metrics = validation_metrics(model, val, labels, "video", batch_size=5)
     order = np.random.default_rng(0).permutation(len(truth))  # the batches validation makes
-    correct, losses = 0, []
+    correct, losses, scores = 0, [], []
     with torch.no_grad():
         for i in range(0, len(order), 5):
             rows = order[i : i + 5]
@@ -489,9 +490,14 @@ def test_validation_metrics_match_the_model_forward_on_the_pairs() -> None:
             out = model(frames, val.specs[audio_of[rows]].float(), truth[rows])
             correct += int((out.logits.argmax(1) == truth[rows]).sum())
             losses.append(float(out.loss))
+            scores += (out.logits[:, 1] - out.logits[:, 0]).tolist()
     assert metrics["val_pairs"] == len(truth) == 23 and metrics["val_videos"] == 4
     assert metrics["val_acc"] == pytest.approx(correct / len(truth))
     assert 0.2 < metrics["val_acc"] < 0.8
+    # The criterion: accuracy at the best threshold, tried at every score (plain search).
+    positive = truth[order].numpy() == 1
+    best = max(np.mean((np.array(scores) >= t) == positive) for t in [*scores, np.inf])
+    assert metrics["val_avc"] == pytest.approx(best) and best > metrics["val_acc"]
     assert metrics["val_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
     assert metrics["val_loss_se"] == pytest.approx(np.std(losses) / np.sqrt(len(losses)))
     a2v_hits = [labels[int(torch.argmax(vis @ aud[i]))] == labels[i] for i in range(n)]
