@@ -84,8 +84,9 @@ def synth(
     fps: float = typer.Option(None, help="Frames per second."),
     difficulty: str = typer.Option(
         None,
-        help="easy (large object, plain backdrop, clean sound) or hard (small object crossing a "
-        "textured scene, its sound at a random SNR in ambient noise, a distractor sound).",
+        help="easy (large object, plain backdrop, clean sound), hard (small object crossing a "
+        "textured scene, its sound at a random SNR in ambient noise, a distractor sound) or "
+        "harder (smaller, quieter).",
     ),
     one_class_per_video: bool = typer.Option(
         None,

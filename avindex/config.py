@@ -217,9 +217,9 @@ class SynthConfig:
     sample_rate: int = 48_000
     min_segment: int = 2  # whole seconds, so every second has exactly one class
     max_segment: int = 4
-    # easy: a large object over a plain backdrop, a clean sound. hard: a small object crossing a
-    # textured scene of its own per video, its sound at a random SNR in ambient noise, and a
-    # distractor sound unrelated to the picture (what real collections look like).
+    # easy: a large object over a plain backdrop, a clean sound. hard (and harder): a small object
+    # crossing a textured scene of its own per video, its sound at a random SNR in ambient noise,
+    # and a distractor sound unrelated to the picture (what real collections look like).
     difficulty: str = "easy"
     one_class_per_video: bool = False  # video i shows class i % classes for its whole length
 

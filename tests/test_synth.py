@@ -256,8 +256,8 @@ def _band(event) -> tuple[float, float]:
 
 
 def test_hard_mode_sound_is_in_noise_but_still_the_labelled_class(hard_corpus) -> None:
-    """Each second's densest class band is the labelled one, though much of the energy lies
-    outside it (ambient noise, the distractor); the easy mode keeps > 80% in the band."""
+    """Each second's densest class band is the labelled one, though a good part of the energy
+    lies outside it (ambient noise, the distractor); the easy mode keeps > 99% in the band."""
     classes = event_classes(HARD.classes)
     shares, right = [], []
     for name, per_video in load_labels(hard_corpus / LABELS_FILE).items():
@@ -268,7 +268,7 @@ def test_hard_mode_sound_is_in_noise_but_still_the_labelled_class(hard_corpus) -
             right.append(int(np.argmax(density)) == label)
             shares.append(band_fraction(data.audio, *bands[label]))
     assert np.mean(right) >= 0.8, right
-    assert np.median(shares) < 0.8, "noisy, unlike the easy mode"
+    assert np.median(shares) < 0.9, "noisy, unlike the easy mode"
 
 
 def test_one_class_per_video(tmp_path) -> None:
@@ -292,4 +292,4 @@ def test_cli_synth_hard_and_bad_difficulty(tmp_path, monkeypatch, capsys) -> Non
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and "easy or hard" in err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "easy, hard, harder" in err
