@@ -137,6 +137,18 @@ def synth(
     loops: int = typer.Option(
         None, help="With --natural: each video is --seconds encoded, played this many times."
     ),
+    difficulty: str = typer.Option(
+        None,
+        help="easy (large object, plain backdrop, clean sound), hard (small object crossing a "
+        "textured scene, its sound at a random SNR in ambient noise, a distractor sound) or "
+        "harder (smaller, quieter).",
+    ),
+    one_class_per_video: bool = typer.Option(
+        None,
+        "--one-class-per-video",
+        help="Video i shows class i % classes throughout (every video its own picture and sound "
+        "when classes >= videos).",
+    ),
 ) -> None:
     """Write a synthetic audio-visual corpus with per-second class labels (labels.csv).
 
@@ -181,11 +193,14 @@ def synth(
         width=width,
         height=height,
         fps=fps,
+        difficulty=difficulty,
+        one_class_per_video=one_class_per_video,
     )
     start = time.perf_counter()
     labels = make_corpus(out, cfg)
     print(
-        f"wrote {cfg.videos} videos ({cfg.seconds} s, {cfg.classes} classes, {cfg.format}) and "
+        f"wrote {cfg.videos} {cfg.difficulty} videos ({cfg.seconds} s, {cfg.classes} classes, "
+        f"{cfg.format}) and "
         f"{labels} in {time.perf_counter() - start:.1f} s"
     )
 
@@ -399,7 +414,7 @@ def train(
     videos: list[str] = typer.Argument(..., help="Training videos or folders (recursive)."),
     out: str = typer.Option(..., help="Run folder: last.pt, best.pt, metrics.jsonl."),
     labels: str = typer.Option(
-        None, help="labels.csv (video,second,label): validation R@k by class, else by clip."
+        None, help="labels.csv (video,second,label): validation R@k by class, else by video."
     ),
     head: str = typer.Option(None, help="contrastive | ave | l3 (default: contrastive)."),
     width: float = typer.Option(None, help="Tower width multiplier (1.0 = paper)."),
@@ -417,6 +432,11 @@ def train(
     time_limit: float = typer.Option(None, help="Stop after this many seconds (checkpointed)."),
     checkpoint_every: int = typer.Option(None, help="Write last.pt every N steps."),
     val_every: int = typer.Option(None, help="Validate (and maybe update best.pt) every N steps."),
+    patience: int = typer.Option(
+        None,
+        help="Stop after N steps without a better validation criterion (0: never). Default: 10 "
+        "validations with --time-limit, off without.",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an OUT with a run."),
     device: str = typer.Option(None, help="auto | cpu | cuda."),
@@ -448,6 +468,7 @@ def train(
         "time_limit": time_limit,
         "checkpoint_every": checkpoint_every,
         "val_every": val_every,
+        "patience": patience,
         "device": device,
         "seed": seed,
     }

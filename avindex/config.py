@@ -56,37 +56,75 @@ class ModelConfig:
     head: str = "contrastive"  # l3 | ave | contrastive
     embed_dim: int = 128  # projection size of the aligned heads
     spec_pool: int = 1  # average-pool the spectrogram by this factor before the audio tower
+    dropout: float = 0.0  # on the tower outputs entering the head (training only)
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training augmentation: random gain per sample, brightness and saturation jitter (paper)."""
+    """Training augmentation: the paper's (random crop and flip, brightness and saturation jitter,
+    random gain per sample) and the extra ones measured against it on a hard corpus (README)."""
 
     volume_jitter: float = 0.1  # +/-10% (paper)
     brightness_jitter: float = 0.2
     saturation_jitter: float = 0.2
+    min_crop_area: float = 1.0  # random resized crop over this..1 of the frame; 1.0: plain crop
+    audio_shift: float = 0.0  # circular shift of each audio window by up to this many seconds
+    background_mix: float = 0.0  # add another video's sound at up to this gain (0: off)
+    spec_masks: int = 0  # SpecAugment: this many time and this many frequency masks per sample
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Training loop settings (Adam at the paper's 1e-4 by default)."""
+class OptimConfig:
+    """AdamW and its learning-rate schedule (the paper's Adam at 1e-4 by default)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up from lr/10
+    lr_drop: float = 1.0  # multiply the rate by this after `lr_drop_after` steps without a better
+    lr_drop_after: int = 0  # validation criterion (0: never)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """AVC pair streaming: batch size, moment sampling, shuffle buffer, decoders, prefetch."""
 
     batch_size: int = 64
-    lr: float = 1e-4
-    max_steps: int = 20_000
-    time_limit: float | None = None  # seconds; stop cleanly with a checkpoint
-    checkpoint_every: int = 500
-    val_every: int = 250
-    val_fraction: float = 0.2
-    seed: int = 0
     moments_per_video: int = 8  # random moments decoded per video visit (one sequential pass)...
     moments_per_second: float = 2.0  # ...or more for long videos: a visit decodes up to its last
     shuffle_buffer: int = 512
     decode_workers: int = 2
     prefetch_batches: int = 2  # preprocessed batches waiting for the model
-    val_pairs: int = 512  # fixed held-out AVC pairs
-    val_clips: int = 512  # held-out clips (1 s grid) for retrieval R@k
+
+
+@dataclass(frozen=True)
+class ValConfig:
+    """Validation on held-out videos, the criterion best.pt follows, early stopping, fold-in."""
+
+    val_every: int = 250  # steps between validations
+    val_fraction: float = 0.2  # videos held out of the main phase (at least 2; 0: no validation)
+    val_samples: int = 1024  # fixed held-out moments: each gives a positive and a negative pair
+    # Stop when the criterion has not improved by `min_delta` for this many steps. None: on
+    # (10 validations) with a time limit, off for a fixed number of steps; 0: never.
+    patience: int | None = None
+    min_delta: float = 0.002
+    # Fold the held-out videos back in: train on every video for this fraction of the best step's
+    # steps (at least `min_fold_steps`), starting from the best model, so best.pt covers them too.
+    fold_in: float = 0.25
+    min_fold_steps: int = 50
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: stopping, checkpoints, seed and device, and the nested configs."""
+
+    max_steps: int = 20_000
+    time_limit: float | None = None  # seconds; stop cleanly with a checkpoint
+    checkpoint_every: int = 500
+    seed: int = 0
     device: str = "auto"
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    val: ValConfig = ValConfig()
     augment: AugmentConfig = AugmentConfig()
 
 
@@ -218,6 +256,11 @@ class SynthConfig:
     sample_rate: int = 48_000
     min_segment: int = 2  # whole seconds, so every second has exactly one class
     max_segment: int = 4
+    # easy: a large object over a plain backdrop, a clean sound. hard (and harder): a small object
+    # crossing a textured scene of its own per video, its sound at a random SNR in ambient noise,
+    # and a distractor sound unrelated to the picture (what real collections look like).
+    difficulty: str = "easy"
+    one_class_per_video: bool = False  # video i shows class i % classes for its whole length
 
 
 @dataclass(frozen=True)
@@ -242,25 +285,55 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Rebuild a config from a dict, ignoring unknown keys (other versions), restoring tuples and
-    nested configs."""
+    nested configs; a key that belongs to a nested config but sits at the top (a flat layout
+    written before that config was split off) goes to its nested config."""
     types = typing.get_type_hints(cls)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in data.items():
+        owner = _nested_owner(cls, key)
+        if owner is not None and key not in types:
+            nested.setdefault(owner, {})[key] = value
     for f in dataclasses.fields(cls):
+        value = data.get(f.name)
+        kind = types[f.name]
+        if dataclasses.is_dataclass(kind):
+            merged = {**(value if isinstance(value, dict) else {}), **nested.get(f.name, {})}
+            if f.name in data or merged:
+                kwargs[f.name] = from_dict(kind, merged)
+            continue
         if f.name not in data:
             continue
-        value = data[f.name]
-        kind = types[f.name]
-        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
-            value = from_dict(kind, value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[f.name] = value
+        kwargs[f.name] = tuple(value) if isinstance(value, list) else value
     return cls(**kwargs)
 
 
 def replace(cfg: T, **changes: Any) -> T:
-    """Copy of a config with the given fields changed; None values mean 'keep the default'."""
-    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+    """Copy of a config with the given fields changed; None values mean 'keep the default'.
+
+    A name that is not a field of `cfg` but of one of its nested configs changes it there, so
+    callers can say `replace(train_cfg, lr=1e-3, batch_size=16)`."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(cfg)}  # type: ignore[arg-type]
+    nested: dict[str, dict[str, Any]] = {}
+    for key in [k for k in changes if k not in fields]:
+        owner = _nested_owner(type(cfg), key)
+        if owner is None:
+            raise TypeError(f"{type(cfg).__name__} has no field {key!r}")
+        nested.setdefault(owner, {})[key] = changes.pop(key)
+    for owner, values in nested.items():
+        changes[owner] = replace(getattr(cfg, owner), **values)
+    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
+
+
+def _nested_owner(cls: type, name: str) -> str | None:
+    """The field of `cls` holding a nested config that has a field `name` (None if none does)."""
+    types = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = types[f.name]
+        if dataclasses.is_dataclass(kind) and name in {g.name for g in dataclasses.fields(kind)}:
+            return f.name
+    return None
 
 
 @dataclass(frozen=True)
@@ -297,16 +370,19 @@ __all__ = [
     "AugmentConfig",
     "BenchConfig",
     "ClaimConfig",
+    "DataConfig",
     "DemoConfig",
     "EmbedConfig",
     "EvalConfig",
     "IndexConfig",
     "ModelConfig",
     "NaturalConfig",
+    "OptimConfig",
     "SearchConfig",
     "ServeConfig",
     "SynthConfig",
     "TrainConfig",
+    "ValConfig",
     "VideoConfig",
     "from_dict",
     "replace",

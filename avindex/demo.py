@@ -27,13 +27,14 @@ from avindex.embed import embed_paths
 from avindex.errors import AvindexError
 from avindex.evaluate import EvalReport, evaluate
 from avindex.index import build_index
+from avindex.labels import VideoLabels, clip_labels, load_labels
 from avindex.model import load_checkpoint
 from avindex.presets import SMALL
 from avindex.queries import Query
 from avindex.scan import find_media
 from avindex.search import search
 from avindex.sheet import write_sheet
-from avindex.synth import clip_labels, load_labels, make_corpus, write_video
+from avindex.synth import make_corpus, write_video
 from avindex.train import train
 
 DEMO_FOLDERS = ("corpus", "queries", "run", "store")
@@ -95,7 +96,7 @@ def _timed(
 def write_queries(held_out: Path, labels_file: Path, out: Path, cfg: DemoConfig) -> list[QueryFile]:
     """Cut query files from a held-out video: a sound (16 kHz stereo wav) and a picture (png)."""
 
-    per_second = load_labels(labels_file)[held_out.name]
+    per_second = load_labels(labels_file)[held_out.name].dense()
     # Seconds in the middle of a segment, one per class, so each query is one clean event.
     middles = [s for s in range(1, len(per_second) - 1) if len(set(per_second[s - 1 : s + 2])) == 1]
     chosen: dict[int, int] = {}
@@ -126,7 +127,7 @@ def write_queries(held_out: Path, labels_file: Path, out: Path, cfg: DemoConfig)
     return queries
 
 
-def _result_labels(hits: list, labels: dict[str, np.ndarray], corpus: Path) -> list[int]:
+def _result_labels(hits: list, labels: dict[str, VideoLabels], corpus: Path) -> list[int]:
     """Ground-truth class of each hit (the second holding the clip's centre)."""
 
     return [

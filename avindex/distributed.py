@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+
+from avindex.devices import resolve_device
 
 
 @dataclass
@@ -28,10 +31,6 @@ class Dist:
 
 def setup_dist(device: str) -> Dist:
     """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
-    import torch
-
-    from avindex.devices import resolve_device
-
     resolved = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -48,8 +47,6 @@ def setup_dist(device: str) -> Dist:
 
 def capture_rng() -> dict[str, Any]:
     """Global RNG states (python, numpy, torch, CUDA) in a form torch.load(weights_only) accepts."""
-    import torch
-
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -63,8 +60,6 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any] | None) -> None:
     """Undo capture_rng (missing parts are left alone)."""
-    import torch
-
     if not state:
         return
     if "python" in state:
@@ -93,8 +88,16 @@ def agree_stop(stop: bool, dist: Dist) -> bool:
     """Every rank stops at the same step: any rank's reason to stop stops them all."""
     if dist.world == 1:
         return stop
-    import torch
-
     flag = torch.tensor([1.0 if stop else 0.0], device=dist.device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def share_from_main(value: float, dist: Dist) -> float:
+    """Rank 0's value on every rank (validation runs on rank 0 alone; every rank must then take
+    the same decisions from it)."""
+    if dist.world == 1:
+        return value
+    shared = torch.tensor([value], dtype=torch.float64, device=dist.device)
+    torch.distributed.broadcast(shared, src=0)
+    return float(shared.item())

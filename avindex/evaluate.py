@@ -14,6 +14,7 @@ from avindex.config import AudioConfig, EvalConfig, from_dict
 from avindex.errors import AvindexError
 
 if TYPE_CHECKING:
+    from avindex.labels import VideoLabels
     from avindex.metrics import Retrieval
     from avindex.store import Store
 
@@ -58,14 +59,14 @@ class EvalReport:
 
 
 def labelled_gallery(
-    store: Store, modality: str, labels: dict[str, np.ndarray], cfg: EvalConfig
+    store: Store, modality: str, labels: dict[str, VideoLabels], cfg: EvalConfig
 ) -> tuple[Gallery, int]:
     """Stream one modality's vectors, keeping labelled clips; (gallery, unlabelled clips).
 
-    `labels` comes from `synth.labels_by_path`: per-second rows (clip [t0, t0+1) takes the label
+    `labels` comes from `labels.labels_by_path`: per-second rows (clip [t0, t0+1) takes the label
     of second floor(t0 + 0.5)) or one class per video; a clip of an unlisted video or second
     (label -1) is unlabelled and left out."""
-    from avindex.synth import clip_labels
+    from avindex.labels import clip_labels
 
     clip_seconds = from_dict(AudioConfig, store.meta.audio_config).clip_seconds
     ids, vecs, labs = [], [], []
@@ -106,9 +107,9 @@ def evaluate(
     store_dir: str | os.PathLike, labels_file: str | os.PathLike, cfg: EvalConfig | None = None
 ) -> EvalReport:
     """R@1/5/10 and mAP with chance for the four directions (queries sampled above max_queries)."""
+    from avindex.labels import labels_by_path
     from avindex.metrics import retrieval
     from avindex.store import Store
-    from avindex.synth import labels_by_path
 
     cfg = cfg or EvalConfig()
     if cfg.max_queries < 1:

@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
-from avindex.config import AudioConfig, TrainConfig, VideoConfig
+from avindex.augment import augment_batch_audio, mask_spectrograms
+from avindex.config import AudioConfig, AugmentConfig, DataConfig, VideoConfig
 from avindex.decode import Moment, read_moments
 from avindex.errors import AvindexError
 from avindex.media import probe
 
 if TYPE_CHECKING:
-    import torch
-
     from avindex.pipelines import Preprocessor
 
 log = logging.getLogger(__name__)
@@ -120,28 +120,43 @@ def mismatch_by_video(videos: np.ndarray) -> np.ndarray:
     return perm
 
 
-def build_pairs(
-    samples: Sequence[Sample], rng: np.random.Generator
-) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+@dataclass
+class Pairs:
+    """AVC pairs before preprocessing: frames, audio (B, n_samples), labels (1 = corresponding),
+    and which video each frame and each audio window comes from."""
+
+    frames: list[np.ndarray]
+    audio: np.ndarray
+    labels: np.ndarray
+    frame_video: np.ndarray
+    audio_video: np.ndarray
+
+
+def build_pairs(samples: Sequence[Sample], rng: np.random.Generator) -> Pairs:
     """Half positives (a moment's own frame and audio), half negatives (frame of one video, audio
-    of another); returns frames, audio (B, n_samples) and labels."""
+    of another), shuffled."""
     n_pos = len(samples) // 2
     pos, neg = list(samples[:n_pos]), list(samples[n_pos:])
     perm = mismatch_by_video(np.array([s.video for s in neg], dtype=np.int64))
     # Negatives whose batch holds only their own video are dropped rather than mislabelled.
-    neg_pairs = [(neg[i].frame, neg[j].audio) for i, j in enumerate(perm) if j >= 0]
-    frames = [s.frame for s in pos] + [f for f, _ in neg_pairs]
-    audio = np.stack([s.audio for s in pos] + [a for _, a in neg_pairs])
-    labels = np.array([1] * len(pos) + [0] * len(neg_pairs), dtype=np.int64)
-    order = rng.permutation(len(frames))
-    return [frames[i] for i in order], audio[order], labels[order]
+    neg_pairs = [(neg[i], neg[j]) for i, j in enumerate(perm) if j >= 0]
+    pairs = [(s, s) for s in pos] + neg_pairs
+    order = rng.permutation(len(pairs))
+    return Pairs(
+        frames=[pairs[i][0].frame for i in order],
+        audio=np.stack([pairs[i][1].audio for i in order]),
+        labels=np.array([int(i < len(pos)) for i in order], dtype=np.int64),
+        frame_video=np.array([pairs[i][0].video for i in order], dtype=np.int64),
+        audio_video=np.array([pairs[i][1].video for i in order], dtype=np.int64),
+    )
 
 
 class PairStream:
     """Background decode workers feed a shuffle buffer; a batcher thread preprocesses AVC batches.
 
     Each worker visits a random video, reads sorted random moments in one streaming pass, and
-    pushes them; every decoded moment is used in exactly one pair.
+    pushes them; every decoded moment is used in exactly one pair. The batcher applies the
+    waveform and spectrogram augmentations that DALI does not do (augment.py).
     """
 
     def __init__(
@@ -149,7 +164,8 @@ class PairStream:
         videos: Sequence[Video],
         audio_cfg: AudioConfig,
         video_cfg: VideoConfig,
-        train_cfg: TrainConfig,
+        data_cfg: DataConfig,
+        augment_cfg: AugmentConfig,
         preprocess: Preprocessor,
         seed: Sequence[int],
         cuda_device: int | None = None,
@@ -159,17 +175,23 @@ class PairStream:
                 "training needs at least two usable videos (negatives pair different videos)"
             )
         self.videos = list(videos)
-        self.audio_cfg, self.video_cfg, self.cfg = audio_cfg, video_cfg, train_cfg
+        self.audio_cfg, self.video_cfg, self.cfg = audio_cfg, video_cfg, data_cfg
+        self.augment = augment_cfg
         self.preprocess = preprocess
         self.seed = list(seed)
         self.cuda_device = cuda_device  # the batcher thread must select the rank's GPU itself
-        self.samples: queue.Queue[Sample] = queue.Queue(maxsize=train_cfg.shuffle_buffer)
-        self.batches: queue.Queue[Batch] = queue.Queue(train_cfg.prefetch_batches)
+        self.samples: queue.Queue[Sample] = queue.Queue(maxsize=data_cfg.shuffle_buffer)
+        self.batches: queue.Queue[Batch] = queue.Queue(data_cfg.prefetch_batches)
         self.error: BaseException | None = None
         self.stop = threading.Event()
         self.bad: set[int] = set()
         self.bad_lock = threading.Lock()
         self.threads: list[threading.Thread] = []
+
+    def include(self, videos: Sequence[Video]) -> None:
+        """Sample these videos too from now on (the held-out videos, folded back in)."""
+        # One list swap: the decode workers read self.videos afresh at every visit.
+        self.videos = self.videos + [v for v in videos if v not in self.videos]
 
     def start(self) -> PairStream:
         """Start the decode workers and the batcher."""
@@ -204,9 +226,10 @@ class PairStream:
     def _decode_loop(self, worker: int) -> None:
         rng = np.random.default_rng([*self.seed, worker])
         while not self.stop.is_set():
-            video = self.videos[rng.integers(len(self.videos))]
+            videos = self.videos
+            video = videos[rng.integers(len(videos))]
             if video.index in self.bad:
-                if len(self.bad) >= len({v.index for v in self.videos}):
+                if len(self.bad) >= len({v.index for v in videos}):
                     raise AvindexError("every training video failed to decode; see the warnings")
                 continue
             moments = sample_moments(
@@ -240,8 +263,6 @@ class PairStream:
     def _batch_loop(self, _: int) -> None:
         rng = np.random.default_rng([*self.seed, 1 << 20])
         if self.cuda_device is not None:
-            import torch
-
             torch.cuda.set_device(self.cuda_device)
         buffer: list[Sample] = []
         # Start once the buffer is partly full so the first batches mix several videos.
@@ -262,14 +283,21 @@ class PairStream:
                 i = int(rng.integers(len(buffer)))
                 buffer[i], buffer[-1] = buffer[-1], buffer[i]
                 picked.append(buffer.pop())
-            frames, audio, labels = build_pairs(picked, rng)
-            self._put(self.batches, self._tensors(frames, audio, labels))
+            self._put(self.batches, self._tensors(build_pairs(picked, rng), rng))
 
-    def _tensors(self, frames: list[np.ndarray], audio: np.ndarray, labels: np.ndarray) -> Batch:
-        import torch
-
-        f, s = self.preprocess(frames, audio)
-        return Batch(f, s, torch.from_numpy(labels))
+    def _tensors(self, pairs: Pairs, rng: np.random.Generator) -> Batch:
+        """Augment and preprocess one batch of pairs into model-ready tensors."""
+        audio = augment_batch_audio(
+            pairs.audio,
+            pairs.frame_video,
+            pairs.audio_video,
+            rng,
+            self.augment,
+            self.audio_cfg.sample_rate,
+        )
+        frames, specs = self.preprocess(pairs.frames, audio)
+        specs = mask_spectrograms(specs, rng, self.augment.spec_masks)
+        return Batch(frames, specs, torch.from_numpy(pairs.labels))
 
     def next(self, timeout: float = 600.0) -> Batch:
         """The next batch (blocks while the workers catch up); re-raises a worker's error."""
@@ -294,85 +322,68 @@ class PairStream:
 
 @dataclass
 class ValSet:
-    """Fixed held-out data: AVC pairs, and clips on the embedding grid for retrieval."""
+    """Fixed held-out moments, preprocessed once (float16 on the CPU to halve their memory).
 
-    frames: torch.Tensor  # AVC pairs
-    specs: torch.Tensor
-    labels: torch.Tensor
-    clip_frames: torch.Tensor  # retrieval clips: frame at t0 + clip/2, audio [t0, t0 + clip)
-    clip_specs: torch.Tensor
-    clip_video: np.ndarray  # index into the run's video list
-    clip_t0: np.ndarray
+    Each moment gives one positive pair (its own frame and audio) and one negative (its frame
+    with the audio of a moment of another video: `negative_audio`)."""
 
+    frames: torch.Tensor  # (n, 3, crop, crop)
+    specs: torch.Tensor  # (n, 1, F, T)
+    video: np.ndarray  # index into the run's video list
+    audio_start: np.ndarray  # seconds
+    negative_audio: np.ndarray  # moment whose audio forms this frame's negative (-1: none)
 
-def _spread(n_total: int, n: int) -> np.ndarray:
-    """n evenly spread indices of range(n_total) (all of them when n >= n_total)."""
-    if n >= n_total:
-        return np.arange(n_total)
-    return np.unique(np.linspace(0, n_total - 1, n).round().astype(np.int64))
+    def __len__(self) -> int:
+        return len(self.video)
 
 
 def read_val_set(
     videos: Sequence[Video],
     audio_cfg: AudioConfig,
     video_cfg: VideoConfig,
-    train_cfg: TrainConfig,
+    n_samples: int,
     preprocess: Preprocessor,
     seed: int,
 ) -> ValSet:
-    """Decode the held-out videos once (one pass each) into fixed preprocessed pairs and clips."""
-    import torch
-
-    from avindex.decode import clip_moment
-    from avindex.media import clip_starts
-
+    """Decode `n_samples` seeded moments (overlap rule, as in training) spread evenly over the
+    held-out videos, one pass each; unreadable videos are skipped with a warning."""
     rng = np.random.default_rng([seed, 2 << 20])
     clip = audio_cfg.clip_seconds
-    per_video = -(-train_cfg.val_pairs // max(1, len(videos)))
-    grids = [clip_starts(v.duration, clip, clip) for v in videos]
-    offsets = np.cumsum([0] + [len(g) for g in grids])
-    keep = set(_spread(int(offsets[-1]), train_cfg.val_clips).tolist())
-    pair_samples: list[Sample] = []
-    clip_samples: list[Sample] = []
-    clip_video, clip_t0 = [], []
-    for video, grid, offset in zip(videos, grids, offsets, strict=False):
-        wanted = [(m, True) for m in sample_moments(video.duration, per_video, rng, clip)]
-        wanted += [(clip_moment(t, clip), False) for i, t in enumerate(grid) if offset + i in keep]
-        wanted.sort(key=lambda w: w[0].frame_time)
+    per_video = -(-n_samples // max(1, len(videos)))
+    samples: list[Sample] = []
+    starts: list[float] = []
+    for video in videos:
+        moments = sample_moments(video.duration, per_video, rng, clip)
         try:
-            datas = list(read_moments(video.path, [m for m, _ in wanted], audio_cfg, video_cfg))
+            datas = list(read_moments(video.path, moments, audio_cfg, video_cfg))
         except Exception as exc:  # a bad held-out video must not end the run
             log.warning(
                 "%s: skipped in validation (%s)", video.path, str(exc) or type(exc).__name__
             )
             continue
-        for data, (moment, is_pair) in zip(datas, wanted, strict=True):
-            sample = Sample(video.index, data.frame, data.audio)
-            if is_pair:
-                pair_samples.append(sample)
-            else:
-                clip_samples.append(sample)
-                clip_video.append(video.index)
-                clip_t0.append(moment.audio_start)
-    if len({s.video for s in pair_samples}) < 2:
+        samples += [Sample(video.index, d.frame, d.audio) for d in datas]
+        starts += [m.audio_start for m in moments]
+    video_of = np.array([s.video for s in samples], dtype=np.int64)
+    if len(np.unique(video_of)) < MIN_VIDEOS:
         raise AvindexError(
             f"validation needs at least {MIN_VIDEOS} readable held-out videos; add videos"
         )
-    order = rng.permutation(len(pair_samples))[: train_cfg.val_pairs]
-    frames, audio, labels = build_pairs([pair_samples[i] for i in order], rng)
-    pf, ps = _preprocess_all(preprocess, frames, audio)
-    cf, cs = _preprocess_all(
-        preprocess, [s.frame for s in clip_samples], np.stack([s.audio for s in clip_samples])
+    # Negatives: a seeded shuffle, then each moment takes the audio of one of another video
+    # (-1 where none is left: a video holding more than half of the moments).
+    shuffle = rng.permutation(len(samples))
+    partner = mismatch_by_video(video_of[shuffle])
+    negative = np.empty(len(samples), dtype=np.int64)
+    negative[shuffle] = np.where(partner >= 0, shuffle[partner], -1)
+    frames, specs = _preprocess_all(
+        preprocess, [s.frame for s in samples], np.stack([s.audio for s in samples])
     )
-    return ValSet(pf, ps, torch.from_numpy(labels), cf, cs, np.array(clip_video), np.array(clip_t0))
+    return ValSet(frames.half(), specs.half(), video_of, np.array(starts), negative)
 
 
 def _preprocess_all(
     preprocess: Preprocessor, frames: list[np.ndarray], audio: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the preprocessor over any number of items in chunks of its batch size (CPU tensors)."""
-    import torch
-
     outs = [
         preprocess(frames[i : i + preprocess.batch_size], audio[i : i + preprocess.batch_size])
         for i in range(0, len(frames), preprocess.batch_size)

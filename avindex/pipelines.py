@@ -100,19 +100,25 @@ def _normalise(frames: Any, video_cfg: VideoConfig, layout: str, **crop_args: An
 
 
 def _frame_graph(frames: Any, video_cfg: VideoConfig, augment: AugmentConfig | None) -> Any:
-    """Scaled HWC uint8 frames -> (3, crop, crop) float: centre crop, or train augmentation."""
+    """Scaled HWC uint8 frames -> (3, crop, crop) float: centre crop, or train augmentation
+    (random crop, or random resized crop, then jitter and flip)."""
     from nvidia.dali import fn
 
     c = video_cfg.crop
     if augment is None:
         return _normalise(frames, video_cfg, "CHW", crop=(c, c))
     # Crop first so the colour jitter touches only crop x crop pixels.
-    frames = fn.crop(
-        frames,
-        crop=(c, c),
-        crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-        crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
-    )
+    if augment.min_crop_area < 1.0:
+        frames = fn.random_resized_crop(
+            frames, size=(c, c), random_area=(augment.min_crop_area, 1.0)
+        )
+    else:
+        frames = fn.crop(
+            frames,
+            crop=(c, c),
+            crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
+            crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
+        )
     if augment.brightness_jitter > 0 or augment.saturation_jitter > 0:
         frames = fn.color_twist(
             frames,

@@ -21,11 +21,12 @@ from avindex.config import DemoConfig, EmbedConfig, IndexConfig, SynthConfig, re
 from avindex.demo import write_queries
 from avindex.embed import embed_paths
 from avindex.index import build_index
+from avindex.labels import clip_labels, load_labels
 from avindex.model import load_checkpoint
 from avindex.presets import SMALL
 from avindex.scan import find_media
 from avindex.serve.catalog import video_id
-from avindex.synth import clip_labels, load_labels, make_corpus
+from avindex.synth import make_corpus
 from avindex.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]

@@ -17,8 +17,9 @@ from avindex import cli
 from avindex.config import AudioConfig, SynthConfig, VideoConfig
 from avindex.decode import Moment, read_moments
 from avindex.errors import AvindexError
+from avindex.labels import load_labels
 from avindex.media import probe
-from avindex.synth import LABELS_FILE, clip_labels, event_classes, load_labels, make_corpus
+from avindex.synth import LABELS_FILE, event_classes, make_corpus
 
 AUDIO = AudioConfig()
 VIDEO = VideoConfig(resize_shorter=48, crop=40)
@@ -51,7 +52,8 @@ def test_corpus_layout_and_labels(small_corpus) -> None:
     """The corpus holds the videos and one label per second of each."""
     labels = load_labels(small_corpus / LABELS_FILE)
     assert sorted(labels) == [f"video_{i:04d}.mp4" for i in range(SMALL_CORPUS.videos)]
-    for name, per_second in labels.items():
+    for name, per_video in labels.items():
+        per_second = per_video.dense()
         assert per_second.shape == (SMALL_CORPUS.seconds,)
         assert set(per_second.tolist()) <= set(range(SMALL_CORPUS.classes))
         info = probe(small_corpus / name)
@@ -62,9 +64,9 @@ def test_corpus_layout_and_labels(small_corpus) -> None:
 def test_picture_and_sound_match_the_labels(small_corpus) -> None:
     """Every second's frame colour and sound band identify the labelled class."""
     classes = event_classes(SMALL_CORPUS.classes)
-    for name, per_second in load_labels(small_corpus / LABELS_FILE).items():
+    for name, per_video in load_labels(small_corpus / LABELS_FILE).items():
         for second, data in enumerate(seconds_of(small_corpus / name)):
-            label = int(per_second[second])
+            label = int(per_video.dense()[second])
             assert visual_class(data.frame, SMALL_CORPUS.classes) == label, (name, second)
             f = classes[label].freq
             lo, hi = (0.9 * f, 2.1 * f) if classes[label].sound == "chirp" else (0.8 * f, 1.2 * f)
@@ -98,27 +100,6 @@ def test_bad_settings(tmp_path) -> None:
         make_corpus(tmp_path, dataclasses.replace(TINY, format="avi"))
     with pytest.raises(AvindexError, match="classes"):
         make_corpus(tmp_path, dataclasses.replace(TINY, classes=1))
-
-
-def test_load_labels_formats(tmp_path) -> None:
-    """Per-second and per-video label files load; clip_labels takes the clip centre."""
-    per_video = tmp_path / "per_video.csv"
-    per_video.write_text("video,label\na.mp4,dog\nb.mp4,cat\nc.mp4,dog\n")
-    labels = load_labels(per_video)
-    assert {k: v.tolist() for k, v in labels.items()} == {"a.mp4": [1], "b.mp4": [0], "c.mp4": [1]}
-    assert clip_labels(labels["a.mp4"], np.array([0.0, 7.0])).tolist() == [1, 1]
-    per_second = tmp_path / "per_second.csv"
-    per_second.write_text("video,second,label\nx.mp4,1,5\nx.mp4,0,3\nx.mp4,2,5\n")
-    x = load_labels(per_second)["x.mp4"]
-    assert x.tolist() == [3, 5, 5]
-    # Clip centre decides: t0=0.5 covers 0.5-1.5 s, centre 1.0 s -> second 1; past the end clamps.
-    assert clip_labels(x, np.array([0.0, 0.5, 0.4, 9.0])).tolist() == [3, 5, 3, 5]
-    bad = tmp_path / "bad.csv"
-    bad.write_text("file,class\na.mp4,1\n")
-    with pytest.raises(AvindexError, match="header"):
-        load_labels(bad)
-    with pytest.raises(AvindexError, match="cannot read"):
-        load_labels(tmp_path / "missing.csv")
 
 
 def test_cli_synth_and_probe(tmp_path, media_zoo) -> None:
@@ -175,36 +156,6 @@ def test_probe_reports_a_missing_path_and_goes_on(monkeypatch, media_zoo, tmp_pa
     assert report["h264_aac.mp4"]["usable"]
 
 
-def test_load_labels_keeps_real_seconds_and_resolves_paths(tmp_path) -> None:
-    """Sparse seconds stay at their second (unlisted ones are -1); paths resolve under the file."""
-    from avindex.synth import labels_by_path
-
-    sparse = tmp_path / "sparse.csv"
-    sparse.write_text("video,second,label\nx.mp4,5,2\nx.mp4,7,4\nx.mp4,6,3\n")
-    x = load_labels(sparse)["x.mp4"]
-    assert x.tolist() == [-1, -1, -1, -1, -1, 2, 3, 4]
-    assert clip_labels(x, np.array([0.0, 5.0, 6.6])).tolist() == [-1, 2, 4]
-    assert list(labels_by_path(sparse)) == [str((tmp_path / "x.mp4").resolve())]
-
-
-@pytest.mark.parametrize(
-    ("rows", "match"),
-    [
-        ("x.mp4,0,1\nx.mp4,one,1\n", r"bad\.csv: row 3: second 'one'"),
-        ("x.mp4,0,1\nx.mp4,1.5,1\n", r"row 3: second '1\.5'"),
-        ("x.mp4,-1,1\n", r"row 2: second '-1'"),
-        ("x.mp4,0,1\nx.mp4,1\n", r"bad\.csv: row 3 is missing fields"),
-    ],
-    ids=["word", "fraction", "negative", "short row"],
-)
-def test_load_labels_bad_rows_name_file_and_row(tmp_path, rows: str, match: str) -> None:
-    """A bad second or a short row is a one-line error naming the file and row, not a traceback."""
-    bad = tmp_path / "bad.csv"
-    bad.write_text("video,second,label\n" + rows)
-    with pytest.raises(AvindexError, match=match):
-        load_labels(bad)
-
-
 @pytest.mark.parametrize(
     ("change", "match"),
     [
@@ -228,3 +179,131 @@ def test_cli_synth_odd_size_is_one_line(monkeypatch, tmp_path, capsys) -> None:
         cli.main()
     err = capsys.readouterr().err
     assert exit_info.value.code != 0 and err.count("\n") == 1 and "even" in err
+
+
+# Raw frames + audio (sha256) and labels of SynthConfig(videos=3, seconds=4, classes=5, seed=11,
+# 64x48) as the easy renderer wrote them before the hard mode existed: easy must not change.
+EASY_BEFORE = {
+    0: ([0, 0, 2, 2], "3c899a596690f7b2bfa7927698c7059ec88b013419eeff4bfc288a60309ff763"),
+    1: ([1, 1, 4, 4], "bdaee365fe3b52afe2c4a97607a12a2069cd575f54b1ad582b73d8a849aa8b6b"),
+    2: ([4, 4, 1, 1], "fe43eba47a54c5bb43f3ba2024d053b6445177170cacc87c29555e2d08bfa7a9"),
+}
+
+
+def _rendered(monkeypatch, cfg: SynthConfig, index: int) -> tuple[list[int], str]:
+    """Labels and sha256 of the frames and audio make_video hands to the encoder."""
+    import hashlib
+
+    from avindex import synth
+
+    digest = {}
+
+    def capture(path, frames, fps, audio=None, sample_rate=48_000, **kwargs):
+        h = hashlib.sha256()
+        for frame in frames:
+            h.update(np.ascontiguousarray(frame).tobytes())
+        h.update(np.ascontiguousarray(audio, dtype=np.float32).tobytes())
+        digest["sha"] = h.hexdigest()
+
+    monkeypatch.setattr(synth, "write_video", capture)
+    labels = synth.make_video("unused.mp4", cfg, index)
+    return labels.tolist(), digest["sha"]
+
+
+def test_easy_mode_renders_exactly_what_it_did_before_hard_mode(monkeypatch) -> None:
+    """Same seed, same pictures, sound and labels as before (the H.264 bytes themselves vary
+    with encoder threading from run to run, before and after)."""
+    cfg = SynthConfig(videos=3, seconds=4, classes=5, seed=11, width=64, height=48)
+    assert SynthConfig().difficulty == "easy" and not SynthConfig().one_class_per_video
+    for index, expected in EASY_BEFORE.items():
+        assert _rendered(monkeypatch, cfg, index) == expected
+
+
+HARD = SynthConfig(videos=3, seconds=6, classes=5, seed=3, width=128, height=96, difficulty="hard")
+
+
+@pytest.fixture(scope="module")
+def hard_corpus(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("hard")
+    make_corpus(out, HARD, workers=1)
+    return out
+
+
+def test_hard_mode_small_moving_object_over_its_own_scene(hard_corpus) -> None:
+    """The pixels that differ most from a video's static scene (its median frame) are a small
+    object, of the labelled class's colour in most seconds (the scene hides it now and then), at
+    another place each second; every video has a textured scene of its own."""
+    video = VideoConfig(resize_shorter=96, crop=96)
+    medians, right = [], []
+    for name, per_video in load_labels(hard_corpus / LABELS_FILE).items():
+        datas = list(
+            read_moments(
+                hard_corpus / name, [Moment(t + 0.5, t) for t in range(HARD.seconds)], AUDIO, video
+            )
+        )
+        frames = np.stack([d.frame for d in datas]).astype(np.int16)
+        scene = np.median(frames, axis=0)
+        medians.append(scene)
+        centres = []
+        for second, frame in enumerate(frames):
+            change = np.abs(frame - scene).max(axis=2)
+            moving = change > 60
+            assert 0.002 < moving.mean() < 0.12, (name, second, moving.mean())
+            core = moving & (change >= np.median(change[moving]))
+            hue = colorsys.rgb_to_hsv(*(np.median(frame[core], axis=0) / 255))[0]
+            k = HARD.classes
+            nearest = int(
+                np.argmin([min(abs(hue - c / k), 1 - abs(hue - c / k)) for c in range(k)])
+            )
+            right.append(nearest == int(per_video.dense()[second]))
+            centres.append(np.argwhere(moving).mean(axis=0))
+        assert np.ptp(np.array(centres), axis=0).max() > 10, "the object moves across the scene"
+        assert scene.std() > 15, "a textured scene, not a plain backdrop"
+    assert np.mean(right) >= 0.8, right
+    assert np.abs(medians[0] - medians[1]).mean() > 20, "each video has a scene of its own"
+
+
+def _band(event) -> tuple[float, float]:
+    """The frequency band holding an event class's sound."""
+    f = event.freq
+    return (0.9 * f, 2.1 * f) if event.sound == "chirp" else (0.8 * f, 1.2 * f)
+
+
+def test_hard_mode_sound_is_in_noise_but_still_the_labelled_class(hard_corpus) -> None:
+    """Each second's densest class band is the labelled one, though a good part of the energy
+    lies outside it (ambient noise, the distractor); the easy mode keeps > 99% in the band."""
+    classes = event_classes(HARD.classes)
+    shares, right = [], []
+    for name, per_video in load_labels(hard_corpus / LABELS_FILE).items():
+        for second, data in enumerate(seconds_of(hard_corpus / name)):
+            label = int(per_video.dense()[second])
+            bands = [_band(c) for c in classes]
+            density = [band_fraction(data.audio, lo, hi) / (hi - lo) for lo, hi in bands]
+            right.append(int(np.argmax(density)) == label)
+            shares.append(band_fraction(data.audio, *bands[label]))
+    assert np.mean(right) >= 0.8, right
+    assert np.median(shares) < 0.9, "noisy, unlike the easy mode"
+
+
+def test_one_class_per_video(tmp_path) -> None:
+    cfg = dataclasses.replace(TINY, videos=3, classes=3, one_class_per_video=True)
+    labels = load_labels(make_corpus(tmp_path, cfg, workers=1))
+    assert {name: set(v.dense().tolist()) for name, v in labels.items()} == {
+        "video_0000.mp4": {0},
+        "video_0001.mp4": {1},
+        "video_0002.mp4": {2},
+    }
+
+
+def test_cli_synth_hard_and_bad_difficulty(tmp_path, monkeypatch, capsys) -> None:
+    runner = CliRunner()
+    args = ["synth", str(tmp_path / "c"), "--videos", "2", "--seconds", "2", "--classes", "2"]
+    result = runner.invoke(cli.app, [*args, "--difficulty", "hard", "--one-class-per-video"])
+    assert result.exit_code == 0 and "2 hard videos" in result.output, result.output
+    labels = load_labels(tmp_path / "c" / LABELS_FILE)
+    assert [v.dense().tolist() for v in labels.values()] == [[0, 0], [1, 1]]
+    monkeypatch.setattr(sys, "argv", ["avindex", *args[:2], "--difficulty", "medium"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "easy, hard, harder" in err

@@ -106,7 +106,7 @@ def train_bench(
     return {
         "device": device,
         "width": chosen.model.width,
-        "batch_size": chosen.train.batch_size,
+        "batch_size": chosen.train.data.batch_size,
         "steps_timed": len(steady),
         "pairs_per_s": pairs / (wait + compute),
         "compute_pairs_per_s": pairs / compute,
