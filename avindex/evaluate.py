@@ -6,17 +6,17 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from avindex.config import AudioConfig, EvalConfig, from_dict
 from avindex.errors import AvindexError
-
-if TYPE_CHECKING:
-    from avindex.labels import VideoLabels
-    from avindex.metrics import Retrieval
-    from avindex.store import Store
+from avindex.labels import VideoLabels, clip_labels, labels_by_path
+from avindex.metrics import Retrieval, retrieval
+from avindex.store import Store
 
 DIRECTIONS = (("audio", "visual"), ("visual", "audio"), ("audio", "audio"), ("visual", "visual"))
 KS = (1, 5, 10)
@@ -66,8 +66,6 @@ def labelled_gallery(
     `labels` comes from `labels.labels_by_path`: per-second rows (clip [t0, t0+1) takes the label
     of second floor(t0 + 0.5)) or one class per video; a clip of an unlisted video or second
     (label -1) is unlabelled and left out."""
-    from avindex.labels import clip_labels
-
     clip_seconds = from_dict(AudioConfig, store.meta.audio_config).clip_seconds
     ids, vecs, labs = [], [], []
     unlabelled = 0
@@ -107,10 +105,6 @@ def evaluate(
     store_dir: str | os.PathLike, labels_file: str | os.PathLike, cfg: EvalConfig | None = None
 ) -> EvalReport:
     """R@1/5/10 and mAP with chance for the four directions (queries sampled above max_queries)."""
-    from avindex.labels import labels_by_path
-    from avindex.metrics import retrieval
-    from avindex.store import Store
-
     cfg = cfg or EvalConfig()
     if cfg.max_queries < 1:
         raise AvindexError(f"--max-queries {cfg.max_queries}: must be at least 1")
@@ -162,9 +156,6 @@ def evaluate(
 
 def print_report(report: EvalReport) -> None:
     """The eval table (each direction above its chance row) and coverage notes, on stdout."""
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table("direction", *(f"R@{k}" for k in KS), "mAP", "queries")
     for name, r in report.results.items():
         table.add_row(name, *(f"{r.recall[k]:.3f}" for k in KS), f"{r.mean_ap:.3f}", str(r.queries))

@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -20,6 +19,7 @@ from torch.nn import functional as F
 
 from avindex import config
 from avindex.config import AudioConfig, ModelConfig, TrainConfig, VideoConfig
+from avindex.durable import write_durably
 from avindex.errors import AvindexError
 from avindex.presets import get_preset
 
@@ -356,7 +356,7 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     train_cfg: TrainConfig | None = None,
 ) -> str:
-    """Write a checkpoint atomically (tmp file + os.replace); returns its sha256."""
+    """Write a checkpoint atomically and durably (tmp file, fsync, rename); returns its sha256."""
     net = _unwrap(model)
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -376,19 +376,13 @@ def save_checkpoint(
     data = buf.getvalue()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        # File and folder are fsynced: a power loss after a save never leaves a torn best.pt.
+        write_durably(path, lambda tmp: tmp.write_bytes(data))
     except OSError as exc:
         raise AvindexError(
             f"{path}: cannot write checkpoint ({exc.strerror or exc}); free space or check access"
         ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return _sha256(data)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import av
 import numpy as np
 
 from avindex.config import NaturalConfig
@@ -133,8 +134,6 @@ def write_natural(path: str | os.PathLike, cfg: NaturalConfig, index: int) -> Pa
 def loop_video(source: str | os.PathLike, out: str | os.PathLike, times: int) -> Path:
     """`out`: `source` played `times` times in a row, remuxed without re-encoding (each pass
     starts at the source's first keyframe), so a long benchmark file costs one short encode."""
-    import av
-
     with av.open(os.fspath(source)) as src, av.open(os.fspath(out), "w") as dst:
         streams = {
             s.index: dst.add_stream_from_template(s)

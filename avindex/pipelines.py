@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import feed_ndarray
+from PIL import Image
 
 from avindex.config import AudioConfig, AugmentConfig, VideoConfig
 from avindex.errors import AvindexError
-
-if TYPE_CHECKING:
-    import torch
+from avindex.media import scaled_size
 
 
 def dali_hann_window(length: int) -> np.ndarray:
@@ -44,10 +46,6 @@ def reference_log_spectrogram(audio: np.ndarray, audio_cfg: AudioConfig) -> np.n
 
 def reference_frame(frame: np.ndarray, video_cfg: VideoConfig) -> np.ndarray:
     """Plain PIL/numpy eval preprocessing of one HxWx3 uint8 frame -> (3, crop, crop) float32."""
-    from PIL import Image
-
-    from avindex.media import scaled_size
-
     h, w = frame.shape[:2]
     if min(h, w) != video_cfg.resize_shorter:
         size = scaled_size(w, h, video_cfg.resize_shorter)
@@ -67,9 +65,6 @@ def _copy_to_torch(dali_out: Any, out: torch.Tensor) -> torch.Tensor:
     DALI reuses its output buffers on the next run, so a zero-copy view would be overwritten under
     the caller; one copy straight into torch-owned memory (device-to-device on CUDA) is the minimum.
     """
-    import torch
-    from nvidia.dali.plugin.pytorch import feed_ndarray
-
     dense = dali_out.as_tensor()
     stream = torch.cuda.current_stream() if out.is_cuda else None
     feed_ndarray(dense, out.view(dense.shape()), cuda_stream=stream)
@@ -80,15 +75,11 @@ def _device_id(device: str) -> int | None:
     """DALI device_id for a torch device; None builds a CPU-only pipeline (no CUDA needed)."""
     if device == "cpu":
         return None
-    import torch
-
     return torch.cuda.current_device()
 
 
 def _normalise(frames: Any, video_cfg: VideoConfig, layout: str, **crop_args: Any) -> Any:
     """fn.crop_mirror_normalize to float with VideoConfig mean/std (given on the 0..1 scale)."""
-    from nvidia.dali import fn, types
-
     return fn.crop_mirror_normalize(
         frames,
         dtype=types.FLOAT,
@@ -102,8 +93,6 @@ def _normalise(frames: Any, video_cfg: VideoConfig, layout: str, **crop_args: An
 def _frame_graph(frames: Any, video_cfg: VideoConfig, augment: AugmentConfig | None) -> Any:
     """Scaled HWC uint8 frames -> (3, crop, crop) float: centre crop, or train augmentation
     (random crop, or random resized crop, then jitter and flip)."""
-    from nvidia.dali import fn
-
     c = video_cfg.crop
     if augment is None:
         return _normalise(frames, video_cfg, "CHW", crop=(c, c))
@@ -130,16 +119,12 @@ def _frame_graph(frames: Any, video_cfg: VideoConfig, augment: AugmentConfig | N
 
 def _random_factor(spread: float) -> Any:
     """A per-sample factor uniform in [1 - spread, 1 + spread]; 1.0 when the spread is zero."""
-    from nvidia.dali import fn
-
     # DALI rejects the empty range [1, 1), and a constant skips a random draw.
     return fn.random.uniform(range=(1.0 - spread, 1.0 + spread)) if spread > 0 else 1.0
 
 
 def _spectrogram_graph(audio: Any, audio_cfg: AudioConfig, augment: AugmentConfig | None) -> Any:
     """(n_samples,) float audio -> (n_freq, n_frames) dB re amplitude 1.0, optional random gain."""
-    from nvidia.dali import fn
-
     if augment is not None and augment.volume_jitter > 0:
         gain = _random_factor(augment.volume_jitter)  # one factor for the whole sample (paper)
         audio = audio * (gain.gpu() if audio.device == "gpu" else gain)
@@ -207,8 +192,6 @@ class Preprocessor:
 
     def _run(self, frames: Sequence[np.ndarray] | None, audio: np.ndarray | None) -> list[Any]:
         """Check the batch, feed the matching pipeline, copy its outputs into torch tensors."""
-        import torch
-
         n = len(frames) if frames is not None else len(audio)  # type: ignore[arg-type]
         if not 0 < n <= self.batch_size:
             raise ValueError(f"batch of {n}; expected 1..{self.batch_size}")
@@ -239,8 +222,6 @@ class Preprocessor:
 
     def _build(self, with_frames: bool, with_audio: bool, resize: bool) -> Any:
         """Build one DALI pipeline; prefetch depth 1 since feed_input with a deeper one breaks."""
-        from nvidia.dali import fn, pipeline_def, types
-
         gpu = self.device == "cuda"
 
         @pipeline_def(

@@ -204,7 +204,6 @@ def test_cuda_training_steps_and_checkpoint(tmp_path) -> None:
 
 
 def test_presets_are_named_and_unknown_names_are_user_errors() -> None:
-    from avindex.errors import AvindexError
     from avindex.presets import PRESETS, default_preset, get_preset
 
     assert set(PRESETS) >= {"small", "paper"} and get_preset("paper") is PAPER
@@ -212,5 +211,5 @@ def test_presets_are_named_and_unknown_names_are_user_errors() -> None:
     with pytest.raises(AvindexError, match="--preset 'tiny'"):
         get_preset("tiny")
     wide = SMALL.configure(width=0.5, lr=0.01)
-    assert wide.name == "small" and wide.model.width == 0.5 and wide.train.lr == 0.01
+    assert wide.name == "small" and wide.model.width == 0.5 and wide.train.optim.lr == 0.01
     assert wide.video == SMALL.video and SMALL.model.width == 0.125
