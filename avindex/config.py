@@ -64,11 +64,13 @@ class AugmentConfig:
     """Training augmentation: the paper's (random crop and flip, brightness and saturation jitter,
     random gain per sample) and the extra ones measured against it on a hard corpus (README)."""
 
-    volume_jitter: float = 0.1  # +/-10% (paper)
+    # Gain +/-30% (the paper: +/-10%) and audio shifts up to 0.25 s: together they raised the
+    # held-out AVC on a hard corpus in both screened runs (README, "Regularisation").
+    volume_jitter: float = 0.3
     brightness_jitter: float = 0.2
     saturation_jitter: float = 0.2
     min_crop_area: float = 1.0  # random resized crop over this..1 of the frame; 1.0: plain crop
-    audio_shift: float = 0.0  # circular shift of each audio window by up to this many seconds
+    audio_shift: float = 0.25  # circular shift of each audio window by up to this many seconds
     background_mix: float = 0.0  # add another video's sound at up to this gain (0: off)
     spec_masks: int = 0  # SpecAugment: this many time and this many frequency masks per sample
 

@@ -1,13 +1,14 @@
-"""AVC training pairs: overlap-rule sampling, background decoding, shuffle buffer, batches."""
+"""AVC training pairs: overlap-rule sampling, decoder processes, shuffle buffer, batches."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +20,8 @@ from avindex.augment import augment_batch_audio, mask_spectrograms
 from avindex.config import AudioConfig, AugmentConfig, DataConfig, VideoConfig
 from avindex.decode import Moment, read_moments
 from avindex.errors import AvindexError
-from avindex.media import probe
+from avindex.media import probe_files
+from avindex.workers import IDLE, Failed, Item, Job, PoolLimits, WorkerPool
 
 if TYPE_CHECKING:
     from avindex.pipelines import Preprocessor
@@ -56,11 +58,13 @@ class Batch:
     labels: torch.Tensor
 
 
-def usable_videos(paths: Sequence[str | Path], clip_seconds: float) -> list[Video]:
-    """Probe videos; unusable ones are skipped with one warning each."""
+def usable_videos(
+    paths: Sequence[str | Path], clip_seconds: float, workers: int = 2
+) -> list[Video]:
+    """Probe videos in child processes (a file that crashes its demuxer fails alone); unusable
+    ones are skipped with one warning each."""
     videos = []
-    for path in paths:
-        info = probe(path, clip_seconds)
+    for path, info in zip(paths, probe_files(paths, workers, clip_seconds), strict=True):
         if info.usable and info.duration:
             videos.append(Video(len(videos), str(path), float(info.duration)))
         else:
@@ -103,6 +107,14 @@ def sample_moments(
     hi = np.minimum(frame_times, max(0.0, duration - clip_seconds))
     starts = rng.uniform(lo, np.maximum(lo, hi))
     return [Moment(float(t), float(a)) for t, a in zip(frame_times, starts, strict=True)]
+
+
+def visit_size(duration: float, cfg: DataConfig) -> int:
+    """Moments per visit: a visit decodes every frame up to its last moment, so longer videos
+    give more moments (measured on 20 s clips: 10 ms per moment at 8, 2 ms at 40), capped so
+    one video cannot fill the shuffle buffer."""
+    n = max(cfg.moments_per_video, math.ceil(duration * cfg.moments_per_second))
+    return min(n, max(cfg.moments_per_video, cfg.shuffle_buffer // 4))
 
 
 def mismatch_by_video(videos: np.ndarray) -> np.ndarray:
@@ -152,11 +164,13 @@ def build_pairs(samples: Sequence[Sample], rng: np.random.Generator) -> Pairs:
 
 
 class PairStream:
-    """Background decode workers feed a shuffle buffer; a batcher thread preprocesses AVC batches.
+    """Decoder processes feed a shuffle buffer; a batcher thread preprocesses AVC batches.
 
-    Each worker visits a random video, reads sorted random moments in one streaming pass, and
-    pushes them; every decoded moment is used in exactly one pair. The batcher applies the
-    waveform and spectrogram augmentations that DALI does not do (augment.py).
+    Each visit is one job in a WorkerPool: a random video, sorted random moments read in one
+    streaming pass (decode.read_moments, the embed path's decoder), so a file that crashes or
+    hangs its decoder fails that video only and decoding is not bound by this process's GIL.
+    Every decoded moment is used in exactly one pair. The batcher applies the waveform and
+    spectrogram augmentations that DALI does not do (augment.py).
     """
 
     def __init__(
@@ -187,6 +201,7 @@ class PairStream:
         self.bad: set[int] = set()
         self.bad_lock = threading.Lock()
         self.threads: list[threading.Thread] = []
+        self.pool: WorkerPool | None = None
 
     def include(self, videos: Sequence[Video]) -> None:
         """Sample these videos too from now on (the held-out videos, folded back in)."""
@@ -194,11 +209,16 @@ class PairStream:
         self.videos = self.videos + [v for v in videos if v not in self.videos]
 
     def start(self) -> PairStream:
-        """Start the decode workers and the batcher."""
-        for worker in range(max(1, self.cfg.decode_workers)):
-            self._spawn(self._decode_loop, worker)
+        """Start the decoder processes, the thread that collects their moments, the batcher."""
+        self.start_decoding()
         self._spawn(self._batch_loop, 0)
         return self
+
+    def start_decoding(self) -> None:
+        """Start the decoder processes and the thread that moves their moments into the buffer."""
+        limits = PoolLimits(role="training decoder")
+        self.pool = WorkerPool(self._visits(), max(1, self.cfg.decode_workers), limits)
+        self._spawn(self._collect_loop, 0)
 
     def _spawn(self, target: Callable[[int], None], arg: int) -> None:
         thread = threading.Thread(target=self._guard, args=(target, arg), daemon=True)
@@ -223,35 +243,39 @@ class PairStream:
                 continue
         return False
 
-    def _decode_loop(self, worker: int) -> None:
-        rng = np.random.default_rng([*self.seed, worker])
-        while not self.stop.is_set():
+    def _visits(self) -> Iterator[Job | object]:
+        """Decode jobs, one per visit of a random video, until the stream stops."""
+        rng = np.random.default_rng([*self.seed, 0])
+        for visit in itertools.count():
+            if self.stop.is_set():
+                return
             videos = self.videos
             video = videos[rng.integers(len(videos))]
             if video.index in self.bad:
                 if len(self.bad) >= len({v.index for v in videos}):
                     raise AvindexError("every training video failed to decode; see the warnings")
+                yield IDLE  # draw again on the next call: the pool keeps serving meanwhile
                 continue
             moments = sample_moments(
-                video.duration, self._visit_size(video), rng, self.audio_cfg.clip_seconds
+                video.duration,
+                visit_size(video.duration, self.cfg),
+                rng,
+                self.audio_cfg.clip_seconds,
             )
-            try:
-                for data in read_moments(video.path, moments, self.audio_cfg, self.video_cfg):
-                    if not self._put(
-                        self.samples,
-                        Sample(video.index, data.frame, data.audio),
-                    ):
-                        return
-            except Exception as exc:  # any decoder failure skips only this video
-                self._mark_bad(video, str(exc) or type(exc).__name__)
+            args = (video.path, moments, self.audio_cfg, self.video_cfg)
+            yield Job((visit, video), read_moments, args)
 
-    def _visit_size(self, video: Video) -> int:
-        """Moments per visit: a visit decodes every frame up to its last moment, so longer videos
-        give more moments (measured on 20 s clips: 10 ms per moment at 8, 2 ms at 40), capped so
-        one video cannot fill the shuffle buffer."""
-        cfg = self.cfg
-        n = max(cfg.moments_per_video, math.ceil(video.duration * cfg.moments_per_second))
-        return min(n, max(cfg.moments_per_video, cfg.shuffle_buffer // 4))
+    def _collect_loop(self, _: int) -> None:
+        """Move decoded moments into the shuffle buffer; a failed visit marks its video bad."""
+        assert self.pool is not None
+        for event in self.pool.events():
+            video: Video = event.key[1]
+            if isinstance(event, Item):
+                data = event.value
+                if not self._put(self.samples, Sample(video.index, data.frame, data.audio)):
+                    return
+            elif isinstance(event, Failed):  # any decoder failure skips only this video
+                self._mark_bad(video, event.reason)
 
     def _mark_bad(self, video: Video, reason: str) -> None:
         """Skip a video that failed to decode from now on, warning once."""
@@ -314,8 +338,10 @@ class PairStream:
                     ) from None
 
     def close(self) -> None:
-        """Stop and join every thread."""
+        """Stop the decoder processes and join every thread."""
         self.stop.set()
+        if self.pool is not None:
+            self.pool.close()
         for thread in self.threads:
             thread.join(timeout=10)
 
@@ -344,25 +370,32 @@ def read_val_set(
     n_samples: int,
     preprocess: Preprocessor,
     seed: int,
+    workers: int = 2,
 ) -> ValSet:
     """Decode `n_samples` seeded moments (overlap rule, as in training) spread evenly over the
-    held-out videos, one pass each; unreadable videos are skipped with a warning."""
+    held-out videos, one pass each in decoder processes; unreadable videos are skipped with a
+    warning."""
     rng = np.random.default_rng([seed, 2 << 20])
-    clip = audio_cfg.clip_seconds
     per_video = -(-n_samples // max(1, len(videos)))
+    plans = [sample_moments(v.duration, per_video, rng, audio_cfg.clip_seconds) for v in videos]
+    jobs = [
+        Job(i, read_moments, (video.path, moments, audio_cfg, video_cfg))
+        for i, (video, moments) in enumerate(zip(videos, plans, strict=True))
+    ]
+    read: dict[int, list] = {i: [] for i in range(len(jobs))}
+    limits = PoolLimits(role="validation decoder")
+    with WorkerPool(jobs, max(1, min(workers, len(jobs))), limits) as pool:
+        for event in pool.events():
+            if isinstance(event, Item):
+                read[event.key].append(event.value)
+            elif isinstance(event, Failed):  # a bad held-out video must not end the run
+                log.warning("%s: skipped in validation (%s)", videos[event.key].path, event.reason)
+                del read[event.key]
     samples: list[Sample] = []
     starts: list[float] = []
-    for video in videos:
-        moments = sample_moments(video.duration, per_video, rng, clip)
-        try:
-            datas = list(read_moments(video.path, moments, audio_cfg, video_cfg))
-        except Exception as exc:  # a bad held-out video must not end the run
-            log.warning(
-                "%s: skipped in validation (%s)", video.path, str(exc) or type(exc).__name__
-            )
-            continue
-        samples += [Sample(video.index, d.frame, d.audio) for d in datas]
-        starts += [m.audio_start for m in moments]
+    for i, datas in read.items():  # in video order: the set does not depend on timing
+        samples += [Sample(videos[i].index, d.frame, d.audio) for d in datas]
+        starts += [d.moment.audio_start for d in datas]
     video_of = np.array([s.video for s in samples], dtype=np.int64)
     if len(np.unique(video_of)) < MIN_VIDEOS:
         raise AvindexError(

@@ -445,7 +445,7 @@ class Trainer:
                     "no media files found under the given paths; pass videos or folders"
                 )
             self.train_videos, self.val_videos = split_videos(
-                probe_videos(found, clip), cfg.val.val_fraction, cfg.seed
+                probe_videos(found, clip, cfg.data.decode_workers), cfg.val.val_fraction, cfg.seed
             )
             shard = self.train_videos[dist.rank :: dist.world]
             if len(shard) < 2:
@@ -531,6 +531,7 @@ class Trainer:
             self.cfg.val.val_samples,
             self._preprocessor(train=False, seed=self.cfg.seed),
             self.cfg.seed,
+            self.cfg.data.decode_workers,
         )
         labels, by = retrieval_labels(table, moments, self.val_videos, clip)
         return Validation(moments, labels, by)
