@@ -528,8 +528,6 @@ class RowReader:
         return self._maps[s]
 
     def _layout(self, path: Path) -> _RawRows | None:
-        import h5py
-
         with h5py.File(path, "r", locking=False) as h5:
             data = h5[self.modality]
             rows, dim = data.shape

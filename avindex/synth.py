@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 
 from avindex.config import SynthConfig
@@ -71,8 +72,6 @@ def write_video(
     audio-only file. `video_options` replace the fast defaults (_VIDEO_OPTIONS) and `keyint` the
     short keyframe interval (2 s). Audio is muxed alongside the frames so the file is properly
     interleaved."""
-    import av
-
     path = os.fspath(path)
     default_video, default_audio, pix_fmt = CODECS[os.path.splitext(path)[1].lower()]
     rate = Fraction(fps).limit_denominator(1001)
@@ -125,8 +124,6 @@ class _AudioWriter:
 
     def write_until(self, seconds: float) -> None:
         """Encode samples up to `seconds` (chunks of any size: PyAV re-frames for the codec)."""
-        import av
-
         total = self.planar.shape[1]
         stop = total if seconds >= total / self.rate else round(seconds * self.rate)
         if stop <= self.done:

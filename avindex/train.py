@@ -18,6 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from avindex import config
 from avindex.config import OptimConfig, TrainConfig, ValConfig
@@ -379,15 +386,7 @@ class StepBar:
 
 
 def _rich_bar() -> Any:
-    """The rich progress bar of a training run (rich is imported only when a bar is shown)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
+    """The rich progress bar of a training run."""
     return Progress(
         TextColumn("train"),
         BarColumn(),

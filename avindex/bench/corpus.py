@@ -12,6 +12,11 @@ import numpy as np
 
 from avindex.config import AudioConfig, BenchConfig, NaturalConfig, SynthConfig
 from avindex.errors import AvindexError
+from avindex.media import probe
+from avindex.natural import make_natural_corpus
+from avindex.scan import find_media
+from avindex.store import StoreMeta, StoreWriter, VideoRecord
+from avindex.synth import make_corpus
 
 
 @dataclass
@@ -63,11 +68,6 @@ def _copies(paths: list[Path], copies: int, folder: Path) -> list[Path]:
 def bench_corpus(videos: str | Path | None, cfg: BenchConfig, workdir: Path) -> Corpus:
     """Probe the videos under `videos`, or synthesise a corpus in `workdir` when it is None;
     with cfg.copies > 1 each appears that many times."""
-    from avindex.media import probe
-    from avindex.natural import make_natural_corpus
-    from avindex.scan import find_media
-    from avindex.synth import make_corpus
-
     if videos is None and cfg.corpus == "natural":
         paths, source = make_natural_corpus(workdir / "corpus", natural_config(cfg)), "natural"
     elif videos is None:
@@ -109,8 +109,6 @@ def write_vector_store(store: Path, blocks: Iterable[np.ndarray], shard_clips: i
 
     Blocks are written as they come, so a generator can make a store larger than memory.
     """
-    from avindex.store import StoreMeta, StoreWriter, VideoRecord
-
     writer = None
     for v, rows in enumerate(blocks):
         m, d = rows.shape

@@ -10,8 +10,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import av
+
 from avindex.bench.measure import best_rate
 from avindex.config import AudioConfig, EmbedConfig, VideoConfig
+from avindex.media import set_threads
 from avindex.reader import ClipReader, VideoRead
 from avindex.store import VideoRecord
 
@@ -19,10 +22,6 @@ from avindex.store import VideoRecord
 def decode_file(path: str, threads: int, skip_nonref: bool) -> tuple[int, float]:
     """Decode a file's video (every frame, or skip_frame=NONREF) and audio, converting nothing:
     (frames decoded, audio seconds)."""
-    import av
-
-    from avindex.media import set_threads
-
     frames, audio_seconds = 0, 0.0
     with av.open(path) as container:
         streams = [*container.streams.video[:1], *container.streams.audio[:1]]

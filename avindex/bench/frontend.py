@@ -9,12 +9,12 @@ import numpy as np
 
 from avindex.bench.measure import sustained_rate
 from avindex.config import AudioConfig, VideoConfig
+from avindex.media import MediaError, decode_audio
+from avindex.pipelines import Preprocessor, reference_log_spectrograms
 
 
 def audio_batch(path: Path, audio_cfg: AudioConfig, batch: int) -> np.ndarray:
     """`batch` one-clip windows of a video's soundtrack (repeated when it is short), (B, n)."""
-    from avindex.media import MediaError, decode_audio
-
     n = audio_cfg.n_samples
     try:
         audio = decode_audio(path, audio_cfg.sample_rate)
@@ -35,8 +35,6 @@ def frontend_bench(
     repeats: int,
 ) -> dict[str, Any]:
     """Spectrograms/s of the DALI Preprocessor and of the numpy reference on the same batch."""
-    from avindex.pipelines import Preprocessor, reference_log_spectrograms
-
     audio = audio_batch(path, audio_cfg, batch)
     pre = Preprocessor(audio_cfg, video_cfg, batch, device=device)
     dali = sustained_rate(lambda: len(pre.spectrograms(audio)), min_seconds, repeats, device)

@@ -19,6 +19,8 @@ from typing import Any
 
 import av
 import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
 
 from avindex.bitstream import (
     PacketExport,
@@ -62,8 +64,6 @@ def decode_files(
     files: Sequence[Demuxed], sessions: int, make_session: Callable, device: Any, skip: bool
 ) -> tuple[int, float]:
     """Decode `files` with `sessions` threads, a fresh session per file: (frames, wall s)."""
-    import torch
-
     work: queue.SimpleQueue = queue.SimpleQueue()
     for item in files:
         work.put(item)
@@ -106,8 +106,6 @@ def nvdec_sweep(
     paths: Sequence[Path], durations: Sequence[float], sweep: Sequence[int] = SESSIONS
 ) -> dict[str, Any]:
     """Decode-all rate per session count, the physical limit and the skip gain."""
-    import torch
-
     from avindex.nvdec_session import PyNvSession, decoder_engines
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -152,8 +150,6 @@ def nvdec_sweep(
 
 def dali_decode_all(paths: Sequence[Path], durations: Sequence[float]) -> dict[str, Any]:
     """DALI's fn.decoders.video (mixed) on DALI_BATCH files per call: the alternative design."""
-    from nvidia.dali import fn, pipeline_def, types
-
     batch = max(1, min(DALI_BATCH, len(paths)))
 
     @pipeline_def(batch_size=batch, num_threads=4, device_id=0, prefetch_queue_depth=1)

@@ -6,11 +6,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 
 from avindex.bench.corpus import clustered_vectors, write_vector_store
 from avindex.bench.measure import best_rate, paired_rates
 from avindex.config import IndexConfig
+from avindex.index import build_index, load_index, recall_at_k, search_vectors
+from avindex.store import Store
 
 K = 10
 ROUNDS = 4  # alternating bursts of avindex and raw faiss search
@@ -18,8 +21,6 @@ ROUNDS = 4  # alternating bursts of avindex and raw faiss search
 
 def _unit(x: np.ndarray) -> np.ndarray:
     """A unit-length float32 copy of the rows, the raw-faiss way (inner product = cosine)."""
-    import faiss
-
     x = np.array(x, dtype=np.float32)
     faiss.normalize_L2(x)
     return x
@@ -27,8 +28,6 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def _raw_index(factory: str, params: dict[str, int], base: np.ndarray, cfg: IndexConfig) -> Any:
     """The same factory built directly with faiss: train on the same sample size, add, set knobs."""
-    import faiss
-
     index = faiss.index_factory(base.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         rng = np.random.default_rng(cfg.seed)
@@ -45,11 +44,6 @@ def index_bench(
     workdir: Path, n: int, d: int, queries: int, seed: int, repeats: int, min_seconds: float
 ) -> dict[str, Any]:
     """avindex build/search on a store of n synthetic vectors against raw faiss on the same ones."""
-    import faiss
-
-    from avindex.index import build_index, load_index, recall_at_k, search_vectors
-    from avindex.store import Store
-
     cfg = IndexConfig(device="cpu")
     data = clustered_vectors(n + queries, d, seed)
     store = workdir / "index-store"

@@ -8,12 +8,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import av
+import numpy as np
+import torch
+
 
 def sync(device: str) -> None:
     """Wait for queued CUDA work, so host clocks time finished work."""
     if device == "cuda":
-        import torch
-
         torch.cuda.synchronize()
 
 
@@ -83,10 +85,6 @@ def _cpu_model() -> str | None:
 
 def machine(device: str) -> dict[str, Any]:
     """CPU, GPU, load and library versions: what a reader needs to compare numbers across runs."""
-    import av
-    import numpy as np
-    import torch
-
     info: dict[str, Any] = {
         "hostname": platform.node(),
         "platform": platform.platform(),

@@ -5,24 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import av
 import numpy as np
+import torch
 
 from avindex.bench.measure import best_rate
-
-if TYPE_CHECKING:
-    from avindex.model import Checkpoint
+from avindex.media import MediaError, clip_starts, decode_audio
+from avindex.model import Checkpoint
+from avindex.pipelines import reference_frame, reference_log_spectrogram
 
 
 def naive_embed(path: Path, checkpoint: Checkpoint, hop: float) -> tuple[np.ndarray, np.ndarray]:
     """(visual, audio) embeddings of every clip of one video, the obvious way."""
-    import av
-    import torch
-
-    from avindex.media import MediaError, clip_starts, decode_audio
-    from avindex.pipelines import reference_frame, reference_log_spectrogram
-
     acfg, vcfg, model = checkpoint.audio_cfg, checkpoint.video_cfg, checkpoint.model.eval()
     with av.open(str(path)) as container:
         stream = container.streams.video[0]

@@ -7,13 +7,14 @@ import json
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from avindex.bench.gpu import DecoderUtilisation
 from avindex.config import EmbedConfig
-
-if TYPE_CHECKING:
-    from avindex.embed import EmbedReport
-    from avindex.model import Checkpoint
+from avindex.embed import EmbedReport, embed_paths
+from avindex.model import Checkpoint
+from avindex.presets import get_preset
+from avindex.train import METRICS, train
 
 # Training steps left out of the rates: the first batches include starting the decoders.
 TRAIN_WARMUP_STEPS = 3
@@ -23,8 +24,6 @@ def embed_bench(
     paths: Sequence[Path], checkpoint: Checkpoint, cfg: EmbedConfig, workdir: Path, repeats: int
 ) -> dict[str, Any]:
     """Best of `repeats` fresh `embed` runs into a new store: rates and time split by stage."""
-    from avindex.embed import embed_paths
-
     best: EmbedReport | None = None
     utilisation = None
     for run in range(max(1, repeats)):
@@ -64,8 +63,6 @@ def _sampler(device: str) -> Iterator[Any]:
     if device != "cuda":
         yield None
         return
-    from avindex.bench.gpu import DecoderUtilisation
-
     with DecoderUtilisation() as sampler:
         yield sampler
 
@@ -81,9 +78,6 @@ def train_bench(
     batch_size: int | None = None,
 ) -> dict[str, Any]:
     """A short training run: AVC pairs/s and the fraction of step time spent waiting for data."""
-    from avindex.presets import get_preset
-    from avindex.train import METRICS, train
-
     chosen = get_preset(preset).configure(
         width=width,
         max_steps=steps + TRAIN_WARMUP_STEPS,

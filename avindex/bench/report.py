@@ -7,6 +7,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+from matplotlib import pyplot as plt
+from rich.console import Console
+from rich.table import Table
+
+from avindex.bench.towers import at_batch
+
 # Targets (issue: decode only what clips need, on every decoder the machine has).
 EMBED_VS_DECODE_ALL = 1.0  # PyAV embed >= 1.0 x PyAV decode-all on the same files
 EMBED_VS_SKIP = 0.8  # PyAV embed >= 0.8 x PyAV skip-non-reference decode
@@ -193,8 +200,6 @@ def _embed_rows(
     nvdec = stages.get("nvdec")
     if not embed:
         return
-    from avindex.bench.towers import at_batch
-
     model_bound = at_batch(model, embed["batch_size"])["clips_per_s"] if model else 0.0
     blame = embed_bottleneck(embed, model_bound)
     rate, decoder = embed["video_s_per_s"], embed_decoder(embed)
@@ -392,9 +397,6 @@ def _fmt(x: float | None) -> str:
 
 def print_table(result: dict[str, Any]) -> None:
     """The rows and the targets as rich tables on stdout."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 160)  # piped into a file: keep rows on one line
@@ -434,11 +436,7 @@ def write_json(result: dict[str, Any], path: str | Path) -> None:
 
 def write_plot(result: dict[str, Any], path: str | Path) -> None:
     """A PNG: rates in video s/s, embed's time split, the model batch sweep, targets."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     fig, axes = plt.subplots(2, 3, figsize=(19, 8))
     _plot_rates(axes[0][0], result)
     _plot_split(axes[0][1], result)

@@ -10,8 +10,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from avindex.bench import gpu
+from avindex.bench.corpus import bench_corpus
+from avindex.bench.decode import decode_bench
+from avindex.bench.frontend import frontend_bench
+from avindex.bench.indexing import index_bench
+from avindex.bench.measure import machine
+from avindex.bench.naive import naive_bench
+from avindex.bench.pipeline import embed_bench, train_bench
+from avindex.bench.report import assess
+from avindex.bench.towers import tower_bench
 from avindex.config import BenchConfig, EmbedConfig, replace, to_dict
+from avindex.devices import resolve_device
 from avindex.errors import AvindexError
+from avindex.model import random_checkpoint
+from avindex.presets import default_preset
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +57,6 @@ def run_bench(
 ) -> dict[str, Any]:
     """Measure `stages` (from parse_stages) on `videos` or a synthetic corpus; returns the result
     dict (machine, config, corpus, raw stage numbers, rows with ratios, checked targets)."""
-    from avindex.bench.measure import machine
-    from avindex.bench.report import assess
-    from avindex.devices import resolve_device
-    from avindex.model import random_checkpoint
-    from avindex.presets import default_preset
-
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     preset = default_preset(device)
@@ -70,8 +77,6 @@ def run_bench(
         if MEDIA_STAGES & set(stages):
             if on_stage:
                 on_stage("corpus")
-            from avindex.bench.corpus import bench_corpus
-
             corpus = bench_corpus(videos, cfg, work)
             result["corpus"] = {"source": corpus.source, **corpus.describe}
         for stage in stages:
@@ -107,8 +112,6 @@ def _run_stage(
     """One stage's raw numbers, keyed by stage name (decode on CUDA adds 'nvdec' and 'dali')."""
     acfg, vcfg = checkpoint.audio_cfg, checkpoint.video_cfg
     if stage == "decode":
-        from avindex.bench.decode import decode_bench
-
         # Bounds are rates: the distinct videos give them (copies only add identical work).
         distinct = corpus.describe["distinct_videos"]
         paths, durations = corpus.paths[:distinct], corpus.durations[:distinct]
@@ -117,39 +120,27 @@ def _run_stage(
             out.update(_gpu_decode(paths, durations, cfg))
         return out
     if stage == "frontend":
-        from avindex.bench.frontend import frontend_bench
-
         batch = embed_cfg.batch_size
         args = (acfg, vcfg, batch, device, cfg.min_seconds, cfg.repeats)
         return {"frontend": frontend_bench(corpus.paths[0], *args)}
     if stage == "model":
-        from avindex.bench.towers import tower_bench
-
         batches = (*cfg.batch_sizes, embed_cfg.batch_size)
         args = (batches, cfg.min_seconds, cfg.repeats, cfg.seed)
         return {"model": tower_bench(checkpoint, device, *args)}
     if stage == "naive":
         return {"naive": _naive(corpus, checkpoint, cfg, embed_cfg)}
     if stage == "embed":
-        from avindex.bench.pipeline import embed_bench
-
         return {"embed": embed_bench(corpus.paths, checkpoint, embed_cfg, work, cfg.repeats)}
     if stage == "train":
-        from avindex.bench.pipeline import train_bench
-
         args = (checkpoint.preset, checkpoint.model_cfg.width, device, cfg.train_steps, cfg.seed)
         args = (*args, cfg.train_batch)
         return {"train": train_bench(corpus.paths, work, *args)}
-    from avindex.bench.indexing import index_bench
-
     args = (cfg.index_vectors, cfg.index_dim, cfg.queries, cfg.seed, cfg.repeats, cfg.min_seconds)
     return {"index": index_bench(work, *args)}
 
 
 def _naive(corpus: Any, checkpoint: Any, cfg: BenchConfig, embed_cfg: EmbedConfig) -> dict:
     """The naive pipeline on the first videos, unless it would hold too many frames."""
-    from avindex.bench.naive import naive_bench
-
     n = max(1, cfg.naive_videos)
     info = corpus.infos[0]
     frames_bytes = (info.n_frames or 0) * (info.width or 0) * (info.height or 0) * 3
@@ -164,8 +155,6 @@ def _naive(corpus: Any, checkpoint: Any, cfg: BenchConfig, embed_cfg: EmbedConfi
 
 def _gpu_decode(paths: list[Path], durations: list[float], cfg: BenchConfig) -> dict[str, Any]:
     """NVDEC sweep and DALI's video decoder on the videos, or why they could not run."""
-    from avindex.bench import gpu
-
     out: dict[str, Any] = {}
     for name, run in (
         ("nvdec", lambda: gpu.nvdec_sweep(paths, durations, cfg.nvdec_sessions)),

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from avindex.bench.measure import sustained_rate
-
-if TYPE_CHECKING:
-    import torch
-
-    from avindex.model import Checkpoint
+from avindex.encoder import Encoder, torch_threads
+from avindex.model import Checkpoint
 
 
 def random_inputs(
     checkpoint: Checkpoint, batch: int, device: str, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frames (B,3,crop,crop) and dB spectrograms (B,1,F,T) shaped as the towers expect."""
-    import torch
-
     gen = torch.Generator().manual_seed(seed)
     c, acfg = checkpoint.video_cfg.crop, checkpoint.audio_cfg
     frames = torch.randn((batch, 3, c, c), generator=gen)
@@ -38,10 +35,6 @@ def tower_bench(
 ) -> dict[str, Any]:
     """Per-tower clips/s for each batch size (torch's default threads, one tower after the
     other), and both towers the way `embed` runs them; the bound is the faster of the two."""
-    import torch
-
-    from avindex.encoder import Encoder, torch_threads
-
     encoder = Encoder(checkpoint, device, max(batch_sizes))
     model = encoder.model
     sweep = []
