@@ -21,7 +21,7 @@ from avindex.config import AudioConfig, AugmentConfig, DataConfig, VideoConfig
 from avindex.decode import Moment, read_moments
 from avindex.errors import AvindexError
 from avindex.media import probe_files
-from avindex.workers import IDLE, Failed, Item, Job, PoolLimits, WorkerPool
+from avindex.workers import Failed, Item, Job, PoolLimits, WorkerPool
 
 if TYPE_CHECKING:
     from avindex.pipelines import Preprocessor
@@ -205,7 +205,7 @@ class PairStream:
 
     def include(self, videos: Sequence[Video]) -> None:
         """Sample these videos too from now on (the held-out videos, folded back in)."""
-        # One list swap: the decode workers read self.videos afresh at every visit.
+        # One list swap: the job source reads self.videos afresh at every visit.
         self.videos = self.videos + [v for v in videos if v not in self.videos]
 
     def start(self) -> PairStream:
@@ -243,7 +243,7 @@ class PairStream:
                 continue
         return False
 
-    def _visits(self) -> Iterator[Job | object]:
+    def _visits(self) -> Iterator[Job]:
         """Decode jobs, one per visit of a random video, until the stream stops."""
         rng = np.random.default_rng([*self.seed, 0])
         for visit in itertools.count():
@@ -254,8 +254,7 @@ class PairStream:
             if video.index in self.bad:
                 if len(self.bad) >= len({v.index for v in videos}):
                     raise AvindexError("every training video failed to decode; see the warnings")
-                yield IDLE  # draw again on the next call: the pool keeps serving meanwhile
-                continue
+                continue  # draw again
             moments = sample_moments(
                 video.duration,
                 visit_size(video.duration, self.cfg),

@@ -13,7 +13,8 @@
 # skip-non-reference gain on NVDEC, DALI's batched decoder for comparison; embed at 720p and
 # 1080p (each video copied so 14+ sessions have work) with the decoder used per video and NVDEC
 # utilisation; full-width bf16 training pairs/s and data wait; serve's query latency (CUDA
-# encoding) where the serve extra, httpx2 and faiss are installed.
+# encoding) where the serve extra, httpx2 and faiss are installed; `embed --ray` with one GPU
+# actor where ray is installed.
 #
 # Wheels (Python 3.12, manylinux x86_64) come from .whl/: av, PyNvVideoCodec (its wheel carries
 # an FFmpeg source tarball and samples avindex does not use: `zip -d .whl/pynvvideocodec-*.whl
@@ -196,6 +197,16 @@ if [ -z "$SERVE_MISSING" ] && [ -f benchmarks/serve_load.py ]; then
 else
     log "SKIP serve-latency: cannot import ${SERVE_MISSING:-benchmarks/serve_load.py} here (carry the serve extra's wheels, httpx2 and faiss-cpu to measure it); not measured"
     echo "serve-latency: skipped (missing ${SERVE_MISSING:-serve_load.py})" >> "$OUT/summary.txt"
+fi
+
+# Ray: `embed --ray` with one GPU actor on the 720p corpus (the ray wheel is ~80 MB: carry it
+# over two calls into $SITE to measure this; without it the section says so).
+if "$PYTHON" -c 'import ray' 2>/dev/null; then
+    section ray-embed 90 sh -c '"$@" > "$0"' "$OUT/ray_embed.json" "${AVINDEX[@]}" embed \
+        "$CORPUS/720p" --ray --model random --device "$DEVICE" --store /tmp/avindex-ray-store --json
+else
+    log "SKIP ray-embed: ray is not importable here (carry its wheel to measure it); not measured"
+    echo "ray-embed: skipped (no ray)" >> "$OUT/summary.txt"
 fi
 
 log "done in $(( $(date +%s) - START ))s"
