@@ -195,14 +195,16 @@ def test_train_colour_jitter_varies_within_bounds() -> None:
     assert np.all(ratio > 0.79) and np.all(ratio < 1.21) and ratio.std() > 0.01
 
 
-def test_train_volume_gain_is_per_sample_and_within_ten_percent() -> None:
+@pytest.mark.parametrize("jitter", [0.1, AugmentConfig().volume_jitter])
+def test_train_volume_gain_is_per_sample_and_within_its_range(jitter: float) -> None:
     audio = np.repeat(make_signals(AUDIO, n=4)[3:4], 8, axis=0)  # the same noise clip 8 times
     frames = noise_frames(8, 128, 128)
-    _, specs = Preprocessor(AUDIO, SMALL, batch_size=8, train=True)(frames, audio)
-    offset = specs[:, 0].numpy() - reference_log_spectrograms(audio, AUDIO)
+    augment = AugmentConfig(volume_jitter=jitter)
+    pre = Preprocessor(AUDIO, SMALL, batch_size=8, train=True, augment=augment)
+    offset = pre(frames, audio)[1][:, 0].numpy() - reference_log_spectrograms(audio, AUDIO)
     per_sample = offset.mean(axis=(1, 2))
     assert offset.std(axis=(1, 2)).max() < 0.01  # one gain across the whole sample
-    lo, hi = 20 * np.log10(0.9), 20 * np.log10(1.1)
+    lo, hi = 20 * np.log10(1 - jitter), 20 * np.log10(1 + jitter)
     assert np.all(per_sample > lo - 0.01) and np.all(per_sample < hi + 0.01)
     assert per_sample.std() > 0.05  # gains differ between samples
 
