@@ -224,9 +224,14 @@ class WorkerPool:
         return _Worker(process, process.conn)
 
     def events(self) -> Iterator[Event]:
-        """Events until every job is finished (blocks while workers are busy)."""
+        """Events until every job is finished (blocks while workers are busy), or until close()."""
         while True:
-            event = self._events.get()
+            try:
+                event = self._events.get(timeout=_POLL)
+            except queue.Empty:
+                if self._closed.is_set():  # closed from another thread: no end marker comes
+                    return
+                continue
             if event is None:
                 if self._error is not None:
                     raise self._error
@@ -341,6 +346,8 @@ class WorkerPool:
 
     def _shutdown(self) -> None:
         for worker in self._workers:
+            if self._closed.is_set() and worker.job is not None:
+                worker.process.kill()  # an abandoned job: its worker would not read the stop
             with contextlib.suppress(OSError, BrokenPipeError):
                 worker.conn.send(None)
         deadline = time.monotonic() + 5

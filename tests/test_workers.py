@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections import defaultdict
 
@@ -109,6 +110,23 @@ def test_jobs_are_pulled_lazily() -> None:
             seen.append(event.key)
             assert len(asked) <= len(seen) + 2
     assert sorted(seen) == list(range(5))
+
+
+def test_close_from_another_thread_ends_events_and_abandons_running_jobs() -> None:
+    """A consumer thread waiting in events() returns once the pool is closed elsewhere, and
+    close() does not wait for jobs still running (their workers are killed)."""
+    pool = WorkerPool([Job(0, count_to, (3,)), Job(1, hang, ())], workers=2)
+    seen: list = []
+    consumer = threading.Thread(target=lambda: seen.extend(pool.events()), daemon=True)
+    consumer.start()
+    deadline = time.monotonic() + 30
+    while not any(isinstance(e, Done) for e in seen) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    pool.close()
+    consumer.join(timeout=5)
+    assert time.monotonic() - started < 3 and not consumer.is_alive()
+    assert [e.key for e in seen if isinstance(e, Done)] == [0]
 
 
 def test_sandbox_serves_calls_from_threads_and_survives_crashes() -> None:
