@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from chaos import kill_and_restart
 from storefactory import clips_of, copies_on_disk, corpus, fake_video, make_meta, video_index
 
 from avindex import claims as claims_module
@@ -325,7 +326,7 @@ def test_exactly_one_of_several_processes_takes_a_stale_claim(tmp_path: Path) ->
 
 
 def _writer(store: Path, videos: int) -> subprocess.Popen:
-    args = [sys.executable, str(WORKER), str(store), str(videos), "run", "0.005"]
+    args = [sys.executable, str(WORKER), str(store), str(videos), "run", "0.02"]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -336,15 +337,10 @@ def test_writers_killed_and_restarted_at_random_store_every_video_once(tmp_path,
     rng = random.Random(writers)
     videos = 60 * writers
     procs = [_writer(tmp_path, videos) for _ in range(writers)]
-    kills = 0
-    for _ in range(3 * writers):
-        time.sleep(rng.uniform(0.1, 0.8))
-        victim = rng.randrange(writers)
-        if procs[victim].poll() is None:
-            procs[victim].send_signal(signal.SIGKILL)
-            kills += 1
-        procs[victim].wait()
-        procs[victim] = _writer(tmp_path, videos)
+    # Each writer has ~1.2 s of work (60 videos at 20 ms): the kills come well inside it.
+    kills = kill_and_restart(
+        procs, lambda: _writer(tmp_path, videos), 3 * writers, rng, (0.05, 0.4)
+    )
     for proc in procs:
         assert proc.wait(timeout=300) == 0, proc.stderr.read()
     final = _writer(tmp_path, videos)

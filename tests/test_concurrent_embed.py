@@ -5,15 +5,14 @@ processes fills the same store a single run does."""
 from __future__ import annotations
 
 import random
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from chaos import kill_and_restart
 from storefactory import clip_rows, copies_on_disk
 
 from avindex.config import EmbedConfig, SynthConfig
@@ -69,15 +68,7 @@ def test_embed_processes_killed_and_restarted_store_every_clip_once(
     rng = random.Random(writers)
     store = tmp_path / "store"
     procs = [_embed(corpus, store) for _ in range(writers)]
-    kills = 0
-    for _ in range(2 * writers):
-        time.sleep(rng.uniform(0.5, 3.0))
-        victim = rng.randrange(writers)
-        if procs[victim].poll() is None:
-            procs[victim].send_signal(signal.SIGKILL)
-            kills += 1
-        procs[victim].wait()
-        procs[victim] = _embed(corpus, store)
+    kills = kill_and_restart(procs, lambda: _embed(corpus, store), 2 * writers, rng, (0.5, 3.0))
     for proc in procs:
         assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
     final = _embed(corpus, store)
