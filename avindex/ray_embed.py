@@ -125,7 +125,7 @@ def embed_on_ray(
                 retry_failed,
             ),
             batch_size=cfg.ray_batch_videos,
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             **per_actor,
         )
         for row in results.iter_rows():
