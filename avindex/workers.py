@@ -70,6 +70,10 @@ class Failed:
     reason: str
     error: BaseException | None = None
 
+    def user_error(self) -> AvindexError:
+        """What to raise for it: the job's own AvindexError as it was, else one with the reason."""
+        return self.error if isinstance(self.error, AvindexError) else AvindexError(self.reason)
+
 
 Event = Item | Done | Failed
 # A job source may yield IDLE: no job just now, ask again shortly (the pool keeps serving the
@@ -133,10 +137,12 @@ def _worker_main(conn: Connection, limits: PoolLimits) -> None:
 
 
 def _send_failure(conn: Connection, key: Hashable, reason: str, exc: BaseException | None) -> None:
-    """Report a failed job, with its exception when that survives pickling."""
+    """Report a failed job, with its exception when that survives pickling both ways."""
     try:
-        pickle.dumps(exc)
-    except Exception:  # an exception holding unpicklable state travels as its text only
+        # Rebuilt here as the parent will: an exception whose __init__ takes other arguments than
+        # it passes on pickles fine and fails to unpickle, which would end the parent's pool.
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # such an exception travels as its text only
         exc = None
     conn.send(("failed", key, (reason, exc)))
 
@@ -156,15 +162,20 @@ class _Process:
         argv = [sys.executable, "-m", "avindex.workers", str(child.fileno())]
         argv.append(json.dumps(dataclasses.asdict(limits)))
         out = subprocess.DEVNULL if limits.quiet else None
-        self.popen = subprocess.Popen(
-            argv,
-            pass_fds=[child.fileno()],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-        )
-        child.close()
+        try:
+            self.popen = subprocess.Popen(
+                argv,
+                pass_fds=[child.fileno()],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
+        except OSError:  # out of processes or descriptors: leave no socket behind
+            parent.close()
+            raise
+        finally:
+            child.close()
         self.conn = Connection(parent.detach())
 
     def is_alive(self) -> bool:
@@ -392,20 +403,28 @@ class Sandbox:
                 yield IDLE
 
     def _route(self) -> None:
-        for event in self._pool.events():
-            if isinstance(event, Item):
-                continue  # calls return values; streamed items are not collected
+        try:
+            for event in self._pool.events():
+                if isinstance(event, Item):
+                    continue  # calls return values; streamed items are not collected
+                with self._lock:
+                    done, box = self._waiting.pop(event.key)
+                box.append(event)
+                done.set()
+        finally:  # the pool ended (closed, or broken): no caller may wait forever
             with self._lock:
-                done, box = self._waiting.pop(event.key)
-            box.append(event)
-            done.set()
+                self._closed.set()
+                waiting, self._waiting = self._waiting, {}
+            for key, (done, box) in waiting.items():
+                box.append(Failed(key, "the sandbox stopped before the call finished"))
+                done.set()
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Done | Failed:
         """`fn(*args)` in a worker: how it ended (its value, or why and with what it failed)."""
-        if self._closed.is_set():
-            raise AvindexError("internal: the sandbox is closed")
         key, done, box = next(self._keys), threading.Event(), []
-        with self._lock:
+        with self._lock:  # the router closes under the same lock: a call is failed or served
+            if self._closed.is_set():
+                raise AvindexError("internal: the sandbox is closed")
             self._waiting[key] = (done, box)
         self._submitted.put(Job(key, fn, args))
         done.wait()
@@ -416,13 +435,11 @@ class Sandbox:
         other failure (a crash, a stall, a bug) as an AvindexError with the reason."""
         event = self.run(fn, *args)
         if isinstance(event, Failed):
-            raise (
-                event.error if isinstance(event.error, AvindexError) else AvindexError(event.reason)
-            )
+            raise event.user_error()
         return event.value
 
     def close(self) -> None:
-        """Stop the workers (waits for calls in progress)."""
+        """Stop the workers; calls still in progress fail."""
         self._closed.set()
         self._pool.close()
 
@@ -439,7 +456,7 @@ def run_isolated(fn: Callable[..., Any], *args: Any, limits: PoolLimits | None =
     with WorkerPool([Job(0, fn, args)], 1, limits) as pool:
         for event in pool.events():
             if isinstance(event, Failed):
-                raise AvindexError(event.reason)
+                raise event.user_error()
             if isinstance(event, Done):
                 return event.value
     raise AvindexError("internal: the isolated job ended without a result")  # pragma: no cover

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,12 @@ import pytest
 import torch
 from mediafactory import build_zoo
 
-from avindex.config import SynthConfig
+from avindex.cli import main
+from avindex.config import EmbedConfig, SynthConfig
+from avindex.embed import embed_paths
+from avindex.index import build_index
+from avindex.model import random_checkpoint
+from avindex.scan import find_media
 from avindex.synth import make_corpus
 
 
@@ -22,6 +28,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:  # not keywords: a folder may be named gpu
             item.add_marker(skip)
+
+
+def run_cli(args: list, capsys, monkeypatch) -> tuple[int, str, str]:
+    """Run `avindex ARGS` in-process through main(); returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["avindex", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 # Small synthetic corpus for tests that need labelled audio-visual data.
@@ -53,3 +71,13 @@ def ray_local() -> Iterator[Any]:
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def media_store(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """small_corpus embedded with `--model random` and indexed, once (tests only read it)."""
+    out = tmp_path_factory.mktemp("media") / "store"
+    cfg = EmbedConfig(device="cpu", batch_size=16, decode_workers=1)
+    embed_paths(find_media([small_corpus]), out, random_checkpoint(0.125, seed=0), cfg)
+    build_index(out)
+    return out

@@ -12,29 +12,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import run_cli
 from storefactory import fake_video, make_meta
 
 from avindex.catalog import entry_path, shard_names
 from avindex.claims import ClaimDir, WorkQueue
-from avindex.cli import main
 from avindex.config import ClaimConfig
 from avindex.durable import WriterId
 from avindex.errors import AvindexError
 from avindex.store import Store, StoreWriter
 
 DAMAGES = ["truncated", "empty", "random-bytes", "videos-path", "ids-outside-table"]
-
-
-def run_cli(args: list, capsys, monkeypatch) -> tuple[int, str, str]:
-    """Run `avindex ARGS` in-process through main(); returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["avindex", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def write_store(path: Path, shards: int = 3, per_shard: int = 2) -> list:

@@ -34,8 +34,10 @@ def test_resolution_with_cuda(monkeypatch) -> None:
     assert devices.resolve_faiss_device("cpu") == "cpu"
 
 
-def test_faiss_cpu_build_reports_no_gpus() -> None:
+def test_faiss_gpu_count_reads_faiss_and_is_zero_without_gpu_support(monkeypatch) -> None:
     import faiss
 
-    expected = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    assert devices.faiss_gpu_count() == expected
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 3, raising=False)
+    assert devices.faiss_gpu_count() == 3
+    monkeypatch.delattr(faiss, "get_num_gpus")  # builds without GPU support lack the function
+    assert devices.faiss_gpu_count() == 0

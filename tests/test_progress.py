@@ -26,4 +26,6 @@ def test_progress_is_silent_when_not_a_terminal(capsys) -> None:
     with EmbedProgress(enabled=True) as progress:  # pytest's stderr is not a tty
         progress.start(todo=2, skipped=1)
         progress.update(EmbedReport())
-    assert "resuming: 1 videos already in the store" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming: 1 videos already in the store" in err
+    assert err.count("\n") == 1 and "\r" not in err, "no bar, no redraws: one line"

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from avindex.cli import main
 from avindex.config import AudioConfig, EmbedConfig, VideoConfig, from_dict
 from avindex.decode import Moment, read_moments
 from avindex.embed import embed_paths
@@ -20,7 +19,6 @@ from avindex.index import build_index
 from avindex.media import decode_audio
 from avindex.model import random_checkpoint, save_checkpoint
 from avindex.queries import Query, make_query, parse_batch
-from avindex.scan import find_media
 from avindex.search import Searcher, audio_windows
 from avindex.sheet import sheet_size, write_sheet
 from avindex.store import Store, StoreMeta, StoreWriter, VideoRecord
@@ -143,16 +141,6 @@ def test_vector_shapes(vector_store: Path, tmp_path: Path) -> None:
 
 
 # --- a real store: small synthetic corpus embedded with the random model ---
-
-
-@pytest.fixture(scope="module")
-def media_store(small_corpus: Path, tmp_path_factory) -> Path:
-    """small_corpus (4 videos x 6 s) embedded with `--model random` and indexed."""
-    out = tmp_path_factory.mktemp("media") / "store"
-    cfg = EmbedConfig(device="cpu", batch_size=16, decode_workers=1)
-    embed_paths(find_media([small_corpus]), out, random_checkpoint(0.125, seed=0), cfg)
-    build_index(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -337,18 +325,6 @@ def test_flat_search_matches_numpy_on_the_media_store(searcher, media_store) -> 
 
 
 # --- CLI: results and one-line errors ---
-
-
-def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """Run `avindex ARGS` in-process through main(); returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["avindex", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_search_json_and_sheet(media_store, query_files, tmp_path, capsys, monkeypatch):

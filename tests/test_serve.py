@@ -18,15 +18,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from avindex.cli import main
-from avindex.config import AudioConfig, EmbedConfig, ServeConfig, VideoConfig
+from avindex.config import AudioConfig, ServeConfig, VideoConfig
 from avindex.decode import Moment, clip_moment, read_moments
-from avindex.embed import embed_paths
 from avindex.errors import AvindexError
-from avindex.index import build_index
 from avindex.media import decode_audio, stream_seconds
-from avindex.model import random_checkpoint
 from avindex.queries import Query
-from avindex.scan import find_media
 from avindex.search import Searcher
 from avindex.serve.app import PAGE_DIR, create_app
 from avindex.serve.catalog import display_names, video_id
@@ -42,19 +38,9 @@ SCORE_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def store_dir(small_corpus: Path, tmp_path_factory) -> Path:
-    """small_corpus (4 videos x 6 s) embedded with the random model and indexed."""
-    out = tmp_path_factory.mktemp("serve") / "store"
-    cfg = EmbedConfig(device="cpu", batch_size=16, decode_workers=1)
-    embed_paths(find_media([small_corpus]), out, random_checkpoint(0.125, seed=0), cfg)
-    build_index(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def state(store_dir: Path) -> ServeState:
+def state(media_store: Path) -> ServeState:
     """The store opened once, as `avindex serve` opens it."""
-    return ServeState(store_dir, CFG)
+    return ServeState(media_store, CFG)
 
 
 @pytest.fixture
@@ -64,9 +50,9 @@ def client(state: ServeState) -> TestClient:
 
 
 @pytest.fixture(scope="module")
-def reference(store_dir: Path) -> Searcher:
+def reference(media_store: Path) -> Searcher:
     """A separate Searcher: what the CLI answers for the same queries."""
-    return Searcher(store_dir)
+    return Searcher(media_store)
 
 
 @pytest.fixture(scope="module")
@@ -418,9 +404,9 @@ def test_a_sequence_of_bad_requests_then_good_ones(client, uploads):
 # --- facts, page, docs, metrics ---
 
 
-def test_info_and_health(client, store_dir):
+def test_info_and_health(client, media_store):
     info = client.get("/api/info").json()
-    index = json.loads((store_dir / "index" / "index.json").read_text())
+    index = json.loads((media_store / "index" / "index.json").read_text())
     assert info["clips"] == info["indexed_clips"] == 24 and info["videos"] == 4
     assert info["model"]["source"] == "random (untrained)" and info["model"]["width"] == 0.125
     for modality in ("visual", "audio"):
@@ -551,9 +537,9 @@ def test_binding_off_loopback_needs_a_token():
         (["--max-upload-seconds", "0"], "must be positive"),
     ],
 )
-def test_cli_serve_refuses_bad_settings_in_one_line(store_dir, capsys, monkeypatch, args, words):
+def test_cli_serve_refuses_bad_settings_in_one_line(media_store, capsys, monkeypatch, args, words):
     monkeypatch.delenv("AVINDEX_SERVE_TOKEN", raising=False)
-    monkeypatch.setattr("sys.argv", ["avindex", "serve", str(store_dir), *args])
+    monkeypatch.setattr("sys.argv", ["avindex", "serve", str(media_store), *args])
     with pytest.raises(SystemExit) as exc:
         main()
     err = capsys.readouterr().err

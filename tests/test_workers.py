@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from avindex.errors import AvindexError
-from avindex.workers import Done, Failed, Item, Job, PoolLimits, WorkerPool, run_isolated
+from avindex.workers import Done, Failed, Item, Job, PoolLimits, Sandbox, WorkerPool, run_isolated
 
 
 def count_to(n: int):
@@ -42,6 +42,17 @@ def fail(message: str) -> None:
 
 def square(x: int) -> int:
     return x * x
+
+
+class TwoPartError(Exception):
+    """Pickles, but cannot be rebuilt: its __init__ takes two arguments and passes one on."""
+
+    def __init__(self, what: str, why: str) -> None:
+        super().__init__(f"{what}: {why}")
+
+
+def fail_oddly() -> None:
+    raise TwoPartError("frame 3", "bad slice")
 
 
 def _collect(pool: WorkerPool) -> tuple[dict, dict]:
@@ -127,6 +138,14 @@ def test_close_from_another_thread_ends_events_and_abandons_running_jobs() -> No
     consumer.join(timeout=5)
     assert time.monotonic() - started < 3 and not consumer.is_alive()
     assert [e.key for e in seen if isinstance(e, Done)] == [0]
+
+
+def test_an_exception_that_cannot_be_rebuilt_fails_its_call_only() -> None:
+    with Sandbox(1) as sandbox:
+        failed = sandbox.run(fail_oddly)
+        assert isinstance(failed, Failed) and failed.error is None
+        assert "TwoPartError: frame 3: bad slice" in failed.reason
+        assert sandbox.call(square, 4) == 16  # the sandbox still serves
 
 
 def test_sandbox_serves_calls_from_threads_and_survives_crashes() -> None:
