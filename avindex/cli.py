@@ -73,7 +73,7 @@ def probe(
     from avindex.scan import scan_inputs
 
     found = scan_inputs(paths)
-    infos = probe_files(found.paths, workers or EmbedConfig().decode_workers) if found.paths else []
+    infos = probe_files(found.paths, workers or EmbedConfig().decode_workers)
     infos += [MediaInfo(p, error="no such file or folder") for p in found.missing]
     if json_out:
         print(json.dumps([i.to_dict() for i in infos], indent=2))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -247,10 +247,12 @@ def run_embed(
     cfg: EmbedConfig,
     on_progress: Callable[[EmbedReport], None] | None = None,
     report: EmbedReport | None = None,
+    expected: int | None = None,
 ) -> EmbedReport:
     """Embed `videos` (taken lazily, as decoders become free) into `writer`: decoders run ahead
     in child processes while the encoder embeds batches that mix clips of several videos.
-    Counts go into `report` (a new one by default) and it is returned."""
+    `expected` (at most how many videos come, when known) lets fewer videos than decoders
+    share out every core. Counts go into `report` (a new one by default) and it is returned."""
     report = report or EmbedReport()
     seconds = report.stage_seconds
     started = time.perf_counter()
@@ -271,7 +273,6 @@ def run_embed(
 
     checkpoint = encoder.checkpoint
     before = dict(encoder.seconds)
-    expected = len(videos) if isinstance(videos, Sized) else None
     acfg, vcfg = checkpoint.audio_cfg, checkpoint.video_cfg
     with clip_reader(enumerate(videos), acfg, vcfg, cfg, encoder.device, expected) as reader:
         for event in _events(reader, seconds):
@@ -363,11 +364,12 @@ def embed_records(
             store_dir, meta, cfg.shard_clips, cfg.shard_seconds, on_flush=work.written
         )
         with shards as writer:
-            run_embed(claimed(work), writer, encoder, cfg, on_progress, report)
+            run_embed(claimed(work), writer, encoder, cfg, on_progress, report, work.remaining)
             # The rest is held by other writers: with this writer's rows on disk (so nobody
             # waits for us), wait for them to finish or die, and take over what they leave.
             while (record := work.next(wait=True, before_wait=writer.flush)) is not None:
-                run_embed(claimed(work, record), writer, encoder, cfg, on_progress, report)
+                left = work.remaining + 1  # this record, and what may be left after it
+                run_embed(claimed(work, record), writer, encoder, cfg, on_progress, report, left)
     return report
 
 

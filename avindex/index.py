@@ -431,7 +431,7 @@ def _part_tasks(
     """Parts adding the shards after the first `covered`; the covered ones are scanned only,
     for the exact top-k of the recall queries."""
     names = store.shard_names
-    rows = [store.count(modality, [s]) for s in names]
+    rows = store.shard_counts(modality).tolist()
     add = split_shards(names[covered:], rows[covered:], parts)
     scan_parts = math.ceil(sum(rows[:covered]) / max(1, cfg.part_rows))
     scan = split_shards(names[:covered], rows[:covered], scan_parts)

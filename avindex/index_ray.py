@@ -26,9 +26,14 @@ class RayRunner:
     def map(
         self, fn: Callable[[PartTask], PartResult], tasks: Sequence[PartTask]
     ) -> Iterator[PartResult]:
-        """Submit every task, then yield results as they finish."""
+        """Submit every task, then yield results as they finish; tasks still pending when the
+        caller stops (a failed part, an interrupt) are cancelled, as LocalRunner's are."""
         remote = ray.remote(num_cpus=self.threads)(fn)
         pending = [remote.remote(t) for t in tasks]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(done[0])
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                yield ray.get(done[0])
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from avindex.durable import write_durably
 from avindex.errors import AvindexError
 
 # Seconds beyond this (about 116 days) are refused: no real video is that long, and a hostile
@@ -141,13 +142,15 @@ def write_labels(path: str | os.PathLike, labels: dict[str, np.ndarray]) -> Path
     """Write `video,second,label` rows (video relative to the labels file's folder) from each
     video's class per second, atomically."""
     path = Path(path)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["video", "second", "label"])
-        for video, per_second in labels.items():
-            writer.writerows([video, s, int(c)] for s, c in enumerate(per_second))
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["video", "second", "label"])
+            for video, per_second in labels.items():
+                writer.writerows([video, s, int(c)] for s, c in enumerate(per_second))
+
+    write_durably(path, write)
     return path
 
 

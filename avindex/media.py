@@ -217,6 +217,8 @@ def probe_files(
 ) -> list[MediaInfo]:
     """probe() of many files in child processes (in the order given): a file that crashes or
     hangs its demuxer gets that as its error instead of ending the caller."""
+    if not paths:
+        return []  # no worker to start
     jobs = [Job(i, probe, (os.fspath(p), clip_seconds)) for i, p in enumerate(paths)]
     infos: dict[int, MediaInfo] = {}
     with WorkerPool(jobs, max(1, min(workers, len(jobs)))) as pool:

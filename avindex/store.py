@@ -367,14 +367,20 @@ class Store:
 
         Answered from the catalog; only shards hiding duplicate copies are read.
         """
+        return int(self.shard_counts(modality, shards).sum())
+
+    def shard_counts(self, modality: str, shards: Sequence[str] | None = None) -> np.ndarray:
+        """count() of each shard (in store order), in one pass over the shards."""
         check_modality(modality)
-        total = 0
-        for shard in self._select(shards):
-            if not len(shard.hidden):
-                total += shard.rows if modality == "visual" else shard.summary.audio_rows
-            else:
-                total += int(self._mask(shard, modality).sum())
-        return total
+        return np.array(
+            [
+                (shard.rows if modality == "visual" else shard.summary.audio_rows)
+                if not len(shard.hidden)
+                else int(self._mask(shard, modality).sum())
+                for shard in self._select(shards)
+            ],
+            np.int64,
+        )
 
     def iter_blocks(
         self,
@@ -410,7 +416,7 @@ class Store:
         has_audio column of the shards involved is read (audio skips clips without audio).
         """
         pos = np.asarray(positions, dtype=np.int64)
-        counts = np.array([self.count(modality, [s.name]) for s in self.shards], np.int64)
+        counts = self.shard_counts(modality)
         starts = np.concatenate([[0], np.cumsum(counts)])
         if len(pos) and (pos.min() < 0 or pos.max() >= starts[-1]):
             raise IndexError(f"{modality} row positions must lie in 0..{starts[-1] - 1}")
