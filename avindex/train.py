@@ -280,6 +280,8 @@ class RunState:
     last_val: dict[str, Any] = field(default_factory=dict)
     # A copy of the best model and its optimiser state, on every rank: the fold-in starts there.
     best_weights: dict[str, Any] = field(default_factory=dict)
+    # best.pt already holds the finished fold-in of the best model (a resumed, finished run).
+    folded: bool = False
 
 
 @dataclass
@@ -509,8 +511,8 @@ class Trainer:
 
     def _loop_state(self, saved: Checkpoint | None) -> RunState:
         """A fresh loop state, or the one a checkpoint saved (with the best model's weights)."""
-        if saved is None:
-            return RunState(best_weights=_copy(self.model, self.optimizer.state_dict()))
+        if saved is None:  # best_weights come with the first validation (it always beats none)
+            return RunState()
         best_file = self.out / BEST
         best = load_checkpoint(best_file, self.dist.device) if best_file.exists() else saved
         return RunState(
@@ -519,6 +521,7 @@ class Trainer:
             dict(saved.extra.get("best") or {}),
             dict(saved.extra.get("val") or {}),
             _copy(best.model, best.optimizer_state or self.optimizer.state_dict()),
+            folded=(best.extra.get("fold_in") or {}).get("stopped") == "max_steps",
         )
 
     def _validation_set(self, table: dict[str, VideoLabels] | None, clip: float) -> Validation:
@@ -564,6 +567,7 @@ class Trainer:
         if dist.device == "cpu":
             torch.set_num_threads(model_threads(dist.world, cfg.data.decode_workers))
         fold: dict[str, Any] = {}
+        resumed_at = state.step
         try:
             with stop_signals() as flag:
                 # Main phase: the training videos; validate, keep the best, stop early.
@@ -571,10 +575,13 @@ class Trainer:
                 if self.val_videos and state.stopping.validated_at != state.step:
                     self._validate()
                 self._save(LAST, stopped=stopped)
-                # Fold-in: from the best model, every video (the held-out ones too).
-                if self.val_videos and cfg.val.fold_in > 0 and stopped != "signal":
+                # Fold-in: from the best model, every video (the held-out ones too); never twice
+                # on one best model (a finished run resumed with nothing left to train).
+                refold = not (state.folded and state.step == resumed_at)
+                if self.val_videos and cfg.val.fold_in > 0 and stopped != "signal" and refold:
                     fold = self._fold_in(flag)
-                    self._save(BEST, fold_in=fold)
+                    if fold["stopped"] != "signal":  # else best.pt keeps the best model itself
+                        self._save(BEST, fold_in=fold)
                 elif not self.val_videos:
                     self._save(BEST)  # nothing to choose between: the final model
             if dist.main:

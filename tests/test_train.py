@@ -289,6 +289,19 @@ def test_resume_continues_with_optimizer_state(trained, corpus: Path, tmp_path: 
     assert adam_steps == {48}, "Adam state carried over, not restarted"
 
 
+def test_resuming_a_finished_run_does_not_fold_in_again(trained, corpus: Path, tmp_path: Path):
+    """Nothing left to train: best.pt (the folded model) stays as it is, no second fold-in."""
+    run, _, _ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    before = (resumed / BEST).read_bytes()
+    folds = len(_records(resumed, "fold"))
+    result = train([corpus], resumed, _preset(max_steps=STEPS), resume=True, progress=False)
+    assert result.step == MAIN_STEPS and not result.fold_in  # last.pt: the main phase
+    assert (resumed / BEST).read_bytes() == before
+    assert len(_records(resumed, "fold")) == folds
+
+
 @pytest.mark.parametrize("name", [LAST, BEST, METRICS])
 def test_any_run_file_means_a_run_is_there(corpus: Path, tmp_path: Path, name: str) -> None:
     """last.pt, best.pt or metrics.jsonl alone: a fresh run refuses and deletes nothing."""
