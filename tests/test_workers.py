@@ -40,6 +40,12 @@ def fail(message: str) -> None:
     raise AvindexError(message)
 
 
+def finish_after(marker, seconds: float) -> None:
+    """Works for `seconds`, then leaves `marker` behind (what an observer can see finished)."""
+    time.sleep(seconds)
+    marker.touch()
+
+
 def square(x: int) -> int:
     return x * x
 
@@ -106,21 +112,20 @@ def test_run_isolated_returns_or_raises_one_line() -> None:
         run_isolated(crash, 0)
 
 
-def test_jobs_are_pulled_lazily() -> None:
-    """A job source is asked for the next job only when a worker is free (claims rely on it)."""
-    asked = []
+def test_jobs_are_pulled_lazily(tmp_path) -> None:
+    """A job source is asked for the next job only when a worker is free (claims rely on it):
+    when job i is asked for, at least i - workers jobs have finished."""
+    workers, finished_when_asked = 2, []
 
     def source():
-        for i in range(5):
-            asked.append(i)
-            yield Job(i, square, (i,))
+        for i in range(6):
+            finished_when_asked.append(len(list(tmp_path.glob("done-*"))))
+            yield Job(i, finish_after, (tmp_path / f"done-{i}", 0.3))
 
-    with WorkerPool(source(), workers=1) as pool:
-        seen = []
-        for event in pool.events():
-            seen.append(event.key)
-            assert len(asked) <= len(seen) + 2
-    assert sorted(seen) == list(range(5))
+    with WorkerPool(source(), workers=workers) as pool:
+        seen = [event.key for event in pool.events() if isinstance(event, Done)]
+    assert sorted(seen) == list(range(6))
+    assert all(done >= i - workers for i, done in enumerate(finished_when_asked))
 
 
 def test_close_from_another_thread_ends_events_and_abandons_running_jobs() -> None:
