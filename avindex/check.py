@@ -25,7 +25,7 @@ from avindex.config import ClaimConfig
 from avindex.durable import TMP_SUFFIX, fsync_path, stale_tmp, write_text_durably
 from avindex.errors import AvindexError
 from avindex.shard import ShardError, ShardSummary, verify
-from avindex.store import CLAIMS_DIR
+from avindex.store import CLAIMS_DIR, tmp_files
 
 QUARANTINE_DIR = "quarantine"
 REASON_SUFFIX = ".reason.txt"
@@ -159,16 +159,11 @@ def _check_models(
     """Shards whose model or settings differ from the store's majority (by rows)."""
     rows: collections.Counter[tuple] = collections.Counter()
     for summary in good.values():
-        meta = summary.meta
-        rows[(meta.model_sha256, meta.visual_dim, meta.audio_dim, meta.hop)] += summary.rows + 1
+        rows[summary.meta.compat_key] += summary.rows + 1
     if len(rows) < 2:
         return
     reference_key = rows.most_common(1)[0][0]
-    reference = next(
-        s.meta
-        for s in good.values()
-        if (s.meta.model_sha256, s.meta.visual_dim, s.meta.audio_dim, s.meta.hop) == reference_key
-    )
+    reference = next(s.meta for s in good.values() if s.meta.compat_key == reference_key)
     for name, summary in list(good.items()):
         why = reference.mismatch(summary.meta)
         if why:
@@ -225,16 +220,15 @@ def _check_orphan_entries(root: Path, repair: bool, report: CheckReport) -> None
 
 def _check_tmp(root: Path, repair: bool, report: CheckReport) -> None:
     """Tmp files: those of dead writers are problems (repair removes them), others in progress."""
-    for folder in (root, root / CATALOG_DIR, root / CLAIMS_DIR):
-        for tmp in sorted(folder.glob("*" + TMP_SUFFIX)) if folder.is_dir() else []:
-            name = str(tmp.relative_to(root))
-            if not stale_tmp(tmp):
-                report.add(f"{name}: being written by a live writer", problem=False)
-                continue
-            finding = report.add(f"{name}: tmp file left by a dead writer")
-            if repair:
-                tmp.unlink(missing_ok=True)
-                finding.repaired = "removed"
+    for tmp in tmp_files(root):
+        name = str(tmp.relative_to(root))
+        if not stale_tmp(tmp):
+            report.add(f"{name}: being written by a live writer", problem=False)
+            continue
+        finding = report.add(f"{name}: tmp file left by a dead writer")
+        if repair:
+            tmp.unlink(missing_ok=True)
+            finding.repaired = "removed"
 
 
 def _check_claims(root: Path, repair: bool, cfg: ClaimConfig, report: CheckReport) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from avindex.durable import fsync_path
+from avindex.durable import TMP_SUFFIX, durable_tmp, fsync_path
 from avindex.errors import AvindexError
 from avindex.store import MODALITIES
 
@@ -77,7 +77,7 @@ def build_lock(folder: Path) -> Iterator[None]:
 
 
 def _clear_stale(folder: Path) -> None:
-    for path in folder.glob(TMP_PREFIX + "*"):
+    for path in [*folder.glob(TMP_PREFIX + "*"), *folder.glob("*" + TMP_SUFFIX)]:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -112,16 +112,11 @@ def durable_write(path: Path, write: Callable[[str], None], what: str) -> None:
     A failure (a full disk, a faiss write error) is one AvindexError and leaves no temporary
     file; the previous file at `path`, if any, is untouched.
     """
-    tmp = temp_path(path.parent, path.name)
     try:
-        checked_write(tmp, write, what)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
+        with durable_tmp(path) as tmp:
+            checked_write(tmp, write, what)
     except OSError as exc:
         raise _write_error(path, what, exc) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def sync_file(path: Path, what: str) -> None:

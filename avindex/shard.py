@@ -56,6 +56,9 @@ def check_modality(modality: str) -> str:
     return modality
 
 
+_COMPAT_FIELDS = ("model_sha256", "visual_dim", "audio_dim", "hop")
+
+
 @dataclass(frozen=True)
 class StoreMeta:
     """What all shards of one store must agree on: the model, its configs, dims and the clip hop."""
@@ -114,9 +117,14 @@ class StoreMeta:
         text = json.dumps(self.to_attrs(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    @property
+    def compat_key(self) -> tuple:
+        """What shards sharing a store must agree on (model, dimensions, hop)."""
+        return tuple(getattr(self, name) for name in _COMPAT_FIELDS)
+
     def mismatch(self, other: StoreMeta) -> str | None:
         """Why `other` cannot share a store with this meta, or None when compatible."""
-        for name in ("model_sha256", "visual_dim", "audio_dim", "hop"):
+        for name in _COMPAT_FIELDS:
             if getattr(self, name) != getattr(other, name):
                 return f"{name} {getattr(other, name)!r} != {getattr(self, name)!r}"
         return None

@@ -591,14 +591,19 @@ def clear_tmp(store_dir: str | os.PathLike[str], max_age: float = STALE_TMP_SECO
     Other writers may be busy in the same store, so a tmp is removed only when its writer was a
     process of this host that no longer runs, or when it is older than `max_age` seconds.
     """
-    root = Path(store_dir)
     removed = []
-    for folder in (root, root / CATALOG_DIR, root / CLAIMS_DIR):
-        for tmp in sorted(folder.glob("*" + TMP_SUFFIX)) if folder.is_dir() else []:
-            if stale_tmp(tmp, max_age):
-                tmp.unlink(missing_ok=True)
-                removed.append(str(tmp.relative_to(root)))
+    for tmp in tmp_files(store_dir):
+        if stale_tmp(tmp, max_age):
+            tmp.unlink(missing_ok=True)
+            removed.append(str(tmp.relative_to(store_dir)))
     return removed
+
+
+def tmp_files(store_dir: str | os.PathLike[str]) -> list[Path]:
+    """Tmp files in a store's folders (shards, catalog entries, claims), live writers' too."""
+    root = Path(store_dir)
+    folders = [f for f in (root, root / CATALOG_DIR, root / CLAIMS_DIR) if f.is_dir()]
+    return [tmp for folder in folders for tmp in sorted(folder.glob("*" + TMP_SUFFIX))]
 
 
 __all__ = [
@@ -613,4 +618,5 @@ __all__ = [
     "VideoRecord",
     "check_modality",
     "clear_tmp",
+    "tmp_files",
 ]

@@ -18,6 +18,7 @@ import pytest
 from avindex import index as avx_index
 from avindex import index_parts
 from avindex.config import IndexConfig, replace
+from avindex.durable import TMP_SUFFIX
 from avindex.errors import AvindexError
 from avindex.index import (
     build_index,
@@ -647,22 +648,41 @@ def test_failing_index_writes_are_one_line_and_leave_no_tmp(
         assert load_index(tmp_path, "visual", "cpu").index.ntotal == 2000
 
 
+def test_a_dead_builders_leftovers_are_removed_by_the_next_build(tmp_path: Path) -> None:
+    """Whatever a killed build left in the index folder (working files, part folders, tmps of
+    durable writes) is its own, never the user's: the next build, holding the lock, removes it."""
+    write_store(tmp_path, 2000, 16, clips_per_video=500, shard_clips=1000)
+    folder = tmp_path / "index"
+    (folder / ".tmp-4242-0badc0de-visual-parts").mkdir(parents=True)
+    (folder / ".tmp-4242-0badc0de-visual-parts" / "part-0.faiss").write_bytes(b"x" * 64)
+    (folder / ".tmp-4242-0badc0de-visual").write_bytes(b"half a trained index")
+    (folder / f"index.json.somehost-4242-1-0badc0de{TMP_SUFFIX}").write_text("{")
+    cfg = IndexConfig(factory="IVF16,Flat", train_sample=2000, recall_queries=20, workers=1)
+    entry = build_index(tmp_path, cfg, modality="visual")["modalities"]["visual"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [".lock", "index.json", entry["file"], entry["ivfdata"]]
+    )
+
+
 def test_index_writes_are_fsynced_file_and_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from avindex import durable
     from avindex import index_files as files_module
 
     synced: list[Path] = []
-    real = files_module.fsync_path
-    monkeypatch.setattr(files_module, "fsync_path", lambda p: (synced.append(p), real(p)))
+    real = durable.fsync_path
+    for module in (durable, files_module):
+        monkeypatch.setattr(module, "fsync_path", lambda p: (synced.append(p), real(p)))
     cfg = IndexConfig(factory="IVF16,Flat", train_sample=2000, recall_queries=20, workers=1)
     write_store(tmp_path, 2000, 16, clips_per_video=500, shard_clips=1000)
     entry = build_index(tmp_path, cfg, modality="visual")["modalities"]["visual"]
     names = [p.name for p in synced]
     folder = tmp_path / "index"
     assert folder in synced  # the renames themselves
-    assert any(n.endswith("-index.json") for n in names)  # tmp file, fsynced before its rename
-    assert any(n.endswith("-" + entry["file"]) for n in names)
+    # tmp files, fsynced before their renames
+    assert any(n.startswith("index.json.") and n.endswith(TMP_SUFFIX) for n in names)
+    assert any(n.startswith(entry["file"] + ".") and n.endswith(TMP_SUFFIX) for n in names)
     assert entry["ivfdata"] in names  # merged in place through a map: fsynced after unmapping
 
 
