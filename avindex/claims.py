@@ -28,7 +28,9 @@ A stale claim with id I is taken over by exactly one contender: it creates `<cla
 with O_EXCL (one creator per I and n; a token whose creator died is passed by using n + 1),
 checks that the claim still holds I, removes it, drops the token and creates its own claim (link
 again: a fresh claimer may win, then it is busy). Any claim a writer obtains is followed by a
-check of the catalog, so a video finished meanwhile is released and skipped.
+check of the catalog, so a video finished meanwhile is released and skipped. A writer changing
+its own claim (to done, or releasing it) holds the same token, so a takeover never interleaves
+with the change.
 
 A writer that stalls longer than `ttl` while alive can lose a claim to another writer, and then
 both may write the video; readers show one copy (Store hides duplicates), so this costs time,
@@ -48,7 +50,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,24 +233,33 @@ class ClaimDir:
         Returns 'removed', 'changed' (it is no longer that claim: judge again) or 'busy'
         (another writer is taking it over right now).
         """
+        with self._acting_on(path, judged) as outcome:
+            if outcome == "held":
+                path.unlink(missing_ok=True)
+                return "removed"
+            return outcome
+
+    @contextlib.contextmanager
+    def _acting_on(self, path: Path, cid: str) -> Iterator[str]:
+        """Hold the takeover token of claim version `cid` while the block runs, so no other
+        writer acts on that version meanwhile. Yields 'held' (the claim is still `cid`),
+        'changed' (it is not) or 'busy' (another live writer holds the token)."""
         for n in range(MAX_TAKEOVER_TOKENS):
-            token = path.with_name(f"{path.name}.take-{judged}-{n}")
+            token = path.with_name(f"{path.name}.take-{cid}-{n}")
             try:
                 fd = os.open(token, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 if self._token_dead(token):
                     continue  # its taker died mid-takeover: the next number is free
-                return "busy"
+                break
             try:
                 with os.fdopen(fd, "w") as fh:
                     fh.write(json.dumps(self._writer()))
-                if self.current_id(path) != judged:
-                    return "changed"
-                path.unlink(missing_ok=True)
-                return "removed"
+                yield "held" if self.current_id(path) == cid else "changed"
             finally:
                 token.unlink(missing_ok=True)
-        return "busy"
+            return
+        yield "busy"
 
     def _token_dead(self, token: Path) -> bool:
         found = _read(token)
@@ -263,17 +274,24 @@ class ClaimDir:
 
     def replace_if_ours(self, path: Path, cid: str, state: str | None, key: VideoKey) -> bool:
         """Replace our claim `cid` by a new one in `state` (None: remove it); False when the claim
-        is no longer ours (taken over while this writer stalled)."""
-        if self.current_id(path) != cid:
-            return False
-        if state is None:
-            path.unlink(missing_ok=True)
+        is no longer ours (taken over while this writer stalled). Holding the claim's takeover
+        token, so a writer that judges it stale cannot take it between the check and the write."""
+        with self._acting_on(path, cid) as outcome:
+            if outcome != "held":
+                return False
+            if state is None:
+                path.unlink(missing_ok=True)
+                return True
+            tmp = tmp_path(path)
+            body = {
+                "id": uuid.uuid4().hex,
+                "state": state,
+                "writer": self._writer(),
+                "key": list(key),
+            }
+            tmp.write_text(json.dumps(body))
+            os.replace(tmp, path)
             return True
-        tmp = tmp_path(path)
-        body = {"id": uuid.uuid4().hex, "state": state, "writer": self._writer(), "key": list(key)}
-        tmp.write_text(json.dumps(body))
-        os.replace(tmp, path)
-        return True
 
     def forget_done(self, keys: Iterable[VideoKey]) -> int:
         """Remove the done claims of these videos (their shard was moved aside), so the next

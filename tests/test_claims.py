@@ -230,6 +230,33 @@ def test_takeover_tokens_let_one_taker_in_and_pass_dead_ones(tmp_path: Path) -> 
     assert not token.exists()
 
 
+def test_a_takeover_never_interleaves_with_the_owner_marking_its_claim_done(tmp_path) -> None:
+    """The owner checks that the claim is still its own and then writes 'done'; a writer that
+    judged the claim stale (its owner stalled) tries to take it over right between the two. One
+    of them acts, never both (else the taker's claim is overwritten, or ours removed unseen)."""
+    (record,) = corpus(1)
+    owner = ClaimDir(tmp_path, CFG, uid=uuid.uuid4().hex)
+    owner.beat()
+    path = owner.path(record.key)
+    cid = owner.create(path, "held", record.key)
+    taker = ClaimDir(tmp_path, CFG, uid=uuid.uuid4().hex)
+    taker.beat()
+    taken: list[str] = []
+    check = owner.current_id
+
+    def check_then_taken_over(claim: Path) -> str | None:
+        found = check(claim)
+        taken.append(taker.remove(claim, cid))  # the taker acts right after the owner's check
+        return found
+
+    owner.current_id = check_then_taken_over
+    marked = owner.replace_if_ours(path, cid, "done", record.key)
+    assert [marked, taken] == [True, ["busy"]]
+    assert taker.judge(path).kind == "done"
+    owner.current_id = check
+    assert owner.replace_if_ours(path, cid, None, record.key) is False  # no longer version cid
+
+
 def test_failed_videos_are_taken_again_only_with_retry_failed(tmp_path: Path) -> None:
     bad, good = corpus(2)
     with StoreWriter(tmp_path, make_meta()) as writer:
