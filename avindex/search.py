@@ -4,6 +4,7 @@ search one modality's faiss index, and map the ids back to clips."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -166,6 +167,7 @@ class Searcher:
         self.video_cfg = from_dict(VideoConfig, self.meta.video_config)
         self._encoder: Encoder | None = None
         self._sandbox: Sandbox | None = None
+        self._sandbox_lock = threading.Lock()
         self._indexes: dict[str, LoadedIndex] = {}
 
     def notes(self) -> list[str]:
@@ -195,8 +197,9 @@ class Searcher:
 
     def sandbox(self) -> Sandbox:
         """Child processes that decode query media, started on first use."""
-        if self._sandbox is None:
-            self._sandbox = Sandbox(self.cfg.media_workers)
+        with self._sandbox_lock:  # gather() may run on several threads: start one sandbox
+            if self._sandbox is None:
+                self._sandbox = Sandbox(self.cfg.media_workers)
         return self._sandbox
 
     def index(self, modality: str) -> LoadedIndex:
@@ -207,7 +210,11 @@ class Searcher:
 
     def run(self, queries: Sequence[Query | AvindexError], k: int | None = None) -> list[Result]:
         """Answer every query; a bad one becomes a Result with its error, the rest still run."""
-        k = self.cfg.k if k is None else k
+        return self.answer(self.gather(queries), k)
+
+    def gather(self, queries: Sequence[Query | AvindexError]) -> list[Result]:
+        """Read every query's media (decoded in parallel child processes) or stored vector; a bad
+        query becomes a Result with its error. Safe to call from several threads at once."""
         results = [
             Result(None, "invalid query", error=str(q))
             if isinstance(q, AvindexError)
@@ -216,9 +223,16 @@ class Searcher:
         ]
         pending = [r for r in results if r.error is None]
         with ThreadPoolExecutor(max(1, self.cfg.media_workers)) as threads:
-            list(threads.map(self._gather, pending))  # media decode in parallel workers
-        self._encode([r for r in pending if r.error is None and r.vector is None])
-        self._search([r for r in pending if r.error is None], k)
+            list(threads.map(self._gather, pending))
+        return results
+
+    def answer(self, results: list[Result], k: int | None = None) -> list[Result]:
+        """Embed the gathered queries and search the indexes (one thread at a time: the model
+        and the indexes are shared state); returns `results`, filled in."""
+        k = self.cfg.k if k is None else k
+        pending = [r for r in results if r.error is None]
+        self._encode([r for r in pending if r.vector is None])
+        self._search(pending, k)
         return results
 
     def _gather(self, result: Result) -> None:

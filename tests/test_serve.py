@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import re
+import threading
 import wave
 from pathlib import Path
 
@@ -376,15 +377,48 @@ def test_no_server_path_reaches_a_client(client, state, small_corpus, uploads):
 def test_an_internal_error_is_a_json_500_and_the_server_goes_on(
     client, state, uploads, monkeypatch
 ):
-    def crash(queries, k=None):
+    def crash(results, k=None):
         raise RuntimeError("boom at /secret/path")
 
-    monkeypatch.setattr(state.searcher, "run", crash)
+    monkeypatch.setattr(state.searcher, "answer", crash)
     response = client.get("/api/clips/3/similar")
     assert_error(response, 500, "internal error")
     assert "boom" not in response.text and "secret" not in response.text
     monkeypatch.undo()
     assert client.get("/api/clips/3/similar").status_code == 200
+
+
+def test_a_slow_upload_does_not_hold_up_other_searches(client, state, uploads, monkeypatch):
+    """An upload's media is read on its request thread: while one is still decoding, a search
+    by a stored clip is answered (the model and index thread is not waiting on the decode)."""
+    decoding, release = threading.Event(), threading.Event()
+    gather = state.searcher.gather
+
+    def slow_gather(queries):
+        if queries[0].kind == "audio":
+            decoding.set()
+            release.wait(60)
+        return gather(queries)
+
+    monkeypatch.setattr(state.searcher, "gather", slow_gather)
+    slow: list = []
+    uploading = threading.Thread(
+        target=lambda: slow.append(upload(client, uploads["wav"], "audio"))
+    )
+    uploading.start()
+    try:
+        assert decoding.wait(30)
+        other: list = []
+        searching = threading.Thread(
+            target=lambda: other.append(client.get("/api/clips/3/similar"))
+        )
+        searching.start()
+        searching.join(30)
+        assert [r.status_code for r in other] == [200] and not slow  # the upload still decodes
+    finally:
+        release.set()
+        uploading.join(60)
+    assert [r.status_code for r in slow] == [200]
 
 
 def test_a_sequence_of_bad_requests_then_good_ones(client, uploads):

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from avindex.errors import AvindexError
 from avindex.queries import Query, make_query
-from avindex.search import Result
+from avindex.search import Hit, Result
 from avindex.serve.clipmedia import jpeg_bytes
 from avindex.serve.state import ServeState
 from avindex.serve.uploads import display_name, save_upload, too_long
@@ -325,7 +325,7 @@ def _facts_routes(router: APIRouter, state: ServeState) -> None:
         return PlainTextResponse(state.metrics.render(gauges), media_type=PROMETHEUS_TEXT)
 
 
-def _clip_out(state: ServeState, clip: ClipRef) -> dict:
+def _clip_out(state: ServeState, clip: ClipRef | Hit) -> dict:
     """A clip as the API shows it: video id and name, start, media URLs."""
     video = state.clip_video(clip)
     base = f"/api/clips/{clip.id}"
@@ -347,10 +347,7 @@ def _search_out(
 ) -> SearchOut:
     """A search result as the API returns it."""
     q = result.query
-    clips = {c.id: c for c in state.store.clips([h.id for h in result.hits])}
-    hits = [
-        {**_clip_out(state, clips[h.id]), "rank": h.rank, "score": h.score} for h in result.hits
-    ]
+    hits = [{**_clip_out(state, h), "rank": h.rank, "score": h.score} for h in result.hits]
     return SearchOut(
         query=QueryOut(
             kind=q.kind,

@@ -15,7 +15,7 @@ from PIL import Image
 from avindex.config import SearchConfig, ServeConfig
 from avindex.errors import AvindexError
 from avindex.queries import Query
-from avindex.search import Result, Searcher
+from avindex.search import Hit, Result, Searcher
 from avindex.serve.catalog import Catalog, Video
 from avindex.serve.clipmedia import ClipMedia, wav_bytes
 from avindex.serve.metrics import Metrics
@@ -23,8 +23,8 @@ from avindex.store import ClipRef
 
 
 class ServeState:
-    """One indexed store ready to answer: searches run one at a time on their own thread, media
-    decodes in parallel."""
+    """One indexed store ready to answer: queries' media is read on the request threads, in
+    parallel; the model and the index searches run one at a time on their own thread."""
 
     def __init__(
         self, store_dir: str | os.PathLike, cfg: ServeConfig, model: str | None = None
@@ -63,8 +63,10 @@ class ServeState:
             self.searcher.run([Query("audio", str(sound)), Query("image", str(picture))], 1)
 
     def search(self, query: Query, k: int) -> Result:
-        """Answer one query (its error, if any, is in Result.error)."""
-        (result,) = self._searches.submit(self.searcher.run, [query], k).result()
+        """Answer one query (its error, if any, is in Result.error): its media is read on the
+        calling request thread, so a long upload does not hold up other searches."""
+        gathered = self.searcher.gather([query])
+        (result,) = self._searches.submit(self.searcher.answer, gathered, k).result()
         return result
 
     def clip(self, clip_id: int) -> ClipRef:
@@ -81,7 +83,7 @@ class ServeState:
             raise HTTPException(404, f"video {video_id[:40]!r}: no such video in the store")
         return video
 
-    def clip_video(self, clip: ClipRef) -> Video:
+    def clip_video(self, clip: ClipRef | Hit) -> Video:
         """The catalog entry of a clip's video."""
         return self.catalog.of_path(clip.path)
 
