@@ -19,7 +19,14 @@ from avindex.decode import read_clip
 from avindex.devices import resolve_device
 from avindex.encoder import Encoder
 from avindex.errors import AvindexError
-from avindex.index import LoadedIndex, indexed_store, load_index, normalize_rows, search_vectors
+from avindex.index import (
+    GPU_MAX_K,
+    LoadedIndex,
+    indexed_store,
+    load_index,
+    normalize_rows,
+    search_vectors,
+)
 from avindex.media import clip_starts, decode_audio, load_image
 from avindex.model import Checkpoint, load_checkpoint, random_checkpoint
 from avindex.queries import Query
@@ -301,19 +308,43 @@ class Searcher:
         if k < 1:
             raise AvindexError(f"-k {k}: must be at least 1")
         k = min(k, max(1, index.index.ntotal))  # no more results than the index holds
-        scores, ids = search_vectors(index, np.stack([r.vector for r in group]), k)
-        found = np.unique(ids[ids >= 0])
-        # An index built before duplicates were hidden may still hold a hidden copy's rows.
-        shown = found[self.store.visible(found)]
-        refs = {ref.id: ref for ref in self.store.clips(shown)}
-        for r, row_scores, row_ids in zip(group, scores, ids, strict=True):
-            kept = [
-                (float(s), int(i)) for s, i in zip(row_scores, row_ids, strict=True) if i in refs
-            ]
+        rows = self._top_shown(index, np.stack([r.vector for r in group]), k)
+        refs = {
+            ref.id: ref for ref in self.store.clips(sorted({i for row in rows for _, i in row}))
+        }
+        for r, row in zip(group, rows, strict=True):
             r.hits = [
                 Hit(rank, s, i, refs[i].path, refs[i].t0, refs[i].has_audio)
-                for rank, (s, i) in enumerate(kept, 1)
+                for rank, (s, i) in enumerate(row, 1)
             ]
+
+    def _top_shown(
+        self, index: LoadedIndex, vectors: np.ndarray, k: int
+    ) -> list[list[tuple[float, int]]]:
+        """Each query's top k (score, clip id) among the clips the store shows.
+
+        An index built before duplicates were hidden may still hold a hidden copy's rows: then
+        fetch twice as many until k shown rows remain, or the index has no more to give.
+        """
+        total = index.index.ntotal
+        most = max(k, min(total, GPU_MAX_K)) if index.device == "cuda" else total
+        fetch = k
+        while True:
+            scores, ids = search_vectors(index, vectors, fetch)
+            found = np.unique(ids[ids >= 0])
+            shown = set(found[self.store.visible(found)].tolist())
+            rows = [
+                [(float(s), int(i)) for s, i in zip(row_scores, row_ids, strict=True) if i in shown]
+                for row_scores, row_ids in zip(scores, ids, strict=True)
+            ]
+            # A row padded with -1 holds everything the index found for that query.
+            short = [
+                len(row) < k and (row_ids >= 0).all()
+                for row, row_ids in zip(rows, ids, strict=True)
+            ]
+            if fetch >= most or not any(short):
+                return [row[:k] for row in rows]
+            fetch = min(most, 2 * fetch)
 
     def close(self) -> None:
         """Stop the media workers and the model's helper thread."""

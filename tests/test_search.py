@@ -91,6 +91,27 @@ def test_k_above_the_store_size_returns_every_indexed_clip(vector_store: Path) -
     assert [h.rank for h in r.hits] == list(range(1, 61))
 
 
+@pytest.mark.parametrize("k", [1, 5, 59])
+def test_rows_the_store_hides_never_shorten_the_results(vector_store, k, monkeypatch) -> None:
+    """An index built before duplicates were hidden still holds the hidden copies' rows: the
+    results skip them and still come k long, the next shown clips in order (numpy reference)."""
+    searcher = Searcher(vector_store)
+    store = Store(vector_store)
+    query = store.vectors([17], "visual")[0]
+    _, order = brute_force(store, "visual", query, 60)
+    hidden = set(order[: min(k + 3, 59)].tolist()) - {int(order[0])}  # all near ones but the top
+    visible = searcher.store.visible
+    monkeypatch.setattr(
+        searcher.store, "visible", lambda ids: visible(ids) & ~np.isin(ids, list(hidden))
+    )
+    (r,) = searcher.run([Query("clip", "17", target="visual")], k)
+    want = [int(i) for i in order if int(i) not in hidden][:k]
+    assert r.error is None and [h.id for h in r.hits] == want
+    assert [h.rank for h in r.hits] == list(range(1, len(want) + 1)) and len(want) == min(
+        k, 60 - len(hidden)
+    )
+
+
 def test_k_over_the_gpu_limit_is_one_clear_error(vector_store: Path) -> None:
     from avindex.errors import AvindexError
     from avindex.index import search_vectors
