@@ -328,21 +328,6 @@ def stop_signals() -> Iterator[dict[str, bool]]:
             signal.signal(sig, old)
 
 
-class _Once(logging.Filter):
-    """Let each distinct message through once (a damaged video warns at every visit otherwise)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message in self.seen:
-            return False
-        self.seen.add(message)
-        return True
-
-
 class MetricsLog:
     """metrics.jsonl writer (rank 0 only; appends, so a resumed run continues the file)."""
 
@@ -561,9 +546,6 @@ class Trainer:
         """The main phase, then the fold-in; always ends with last.pt and best.pt."""
         cfg, dist, state = self.cfg, self.dist, self.state
         threads = torch.get_num_threads()
-        once = _Once()
-        media_log = logging.getLogger("avindex.media")
-        media_log.addFilter(once)
         if dist.device == "cpu":
             torch.set_num_threads(model_threads(dist.world, cfg.data.decode_workers))
         fold: dict[str, Any] = {}
@@ -590,7 +572,6 @@ class Trainer:
                     | ({"fold_in": fold} if fold else {})
                 )
         finally:
-            media_log.removeFilter(once)
             torch.set_num_threads(threads)
             for thing in (self.bar, self.stream, self.log):
                 thing.close()

@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import itertools
 import json
+import logging
 import os
 import pickle
 import queue
@@ -98,13 +99,42 @@ def _signal_name(code: int | None) -> str:
     return f"exit code {code}"
 
 
+class _Outbox:
+    """The worker's end of its socket, shared by the job loop and the log forwarder."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: tuple) -> None:
+        with self._lock:  # a job's own threads may log while the loop sends an item
+            self._conn.send(message)
+
+
+class _ForwardLogs(logging.Handler):
+    """Sends the worker's avindex warnings to the parent, which logs them as its own (so they
+    reach the command's warning lines, once each, instead of a child's bare stderr)."""
+
+    def __init__(self, outbox: _Outbox) -> None:
+        super().__init__(logging.WARNING)
+        self._outbox = outbox
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(OSError, ValueError):  # a parent gone: nobody to tell
+            self._outbox.send(("log", record.name, (record.levelno, record.getMessage())))
+
+
 def _worker_main(conn: Connection, limits: PoolLimits) -> None:
     """Worker process: run jobs from `conn` until it closes, streaming results back."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if limits.memory_bytes:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-    conn.send(("ready", None, None))
+    outbox = _Outbox(conn)
+    logger = logging.getLogger("avindex")
+    logger.addHandler(_ForwardLogs(outbox))
+    logger.propagate = False  # forwarded, not printed here as well
+    outbox.send(("ready", None, None))
     while True:
         try:
             job = conn.recv()
@@ -118,25 +148,25 @@ def _worker_main(conn: Connection, limits: PoolLimits) -> None:
             if inspect.isgenerator(result):
                 while True:
                     try:
-                        conn.send(("item", key, next(result)))
+                        outbox.send(("item", key, next(result)))
                     except StopIteration as stop:
                         result = stop.value
                         break
-            conn.send(("done", key, result))
+            outbox.send(("done", key, result))
         except (EOFError, BrokenPipeError):
             return
         except AvindexError as exc:
-            _send_failure(conn, key, str(exc), exc)
+            _send_failure(outbox, key, str(exc), exc)
         except MemoryError:
-            _send_failure(conn, key, "out of memory while decoding (limit reached)", None)
+            _send_failure(outbox, key, "out of memory while decoding (limit reached)", None)
         except Exception as exc:  # whatever a file does, it fails that job only
             where = traceback.extract_tb(exc.__traceback__)[-1]
             text = f"{type(exc).__name__}: {exc}".splitlines()[0]
             where_text = f"{os.path.basename(where.filename)}:{where.lineno}"
-            _send_failure(conn, key, f"{text} (at {where_text})", exc)
+            _send_failure(outbox, key, f"{text} (at {where_text})", exc)
 
 
-def _send_failure(conn: Connection, key: Hashable, reason: str, exc: BaseException | None) -> None:
+def _send_failure(outbox: _Outbox, key: Hashable, reason: str, exc: BaseException | None) -> None:
     """Report a failed job, with its exception when that survives pickling both ways."""
     try:
         # Rebuilt here as the parent will: an exception whose __init__ takes other arguments than
@@ -144,7 +174,7 @@ def _send_failure(conn: Connection, key: Hashable, reason: str, exc: BaseExcepti
         pickle.loads(pickle.dumps(exc))
     except Exception:  # such an exception travels as its text only
         exc = None
-    conn.send(("failed", key, (reason, exc)))
+    outbox.send(("failed", key, (reason, exc)))
 
 
 class _Process:
@@ -306,6 +336,9 @@ class WorkerPool:
                 kind, key, value = worker.conn.recv()
                 if kind == "ready":
                     worker.started, self._failed_starts = True, 0
+                    continue
+                if kind == "log":  # `key` is the logger's name, `value` (level, message)
+                    logging.getLogger(key).log(*value)
                     continue
                 waited = time.monotonic()
                 if kind == "failed":

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mediafactory import BAD
+from conftest import run_cli
+from mediafactory import BAD, CORRUPT_MIDDLE
 
 from avindex.config import EmbedConfig
 from avindex.decode import Moment, read_moments
@@ -74,6 +75,21 @@ def test_every_good_video_gives_its_clips_and_bad_files_are_reported(media_zoo, 
     assert report.videos_failed == len(BAD)
     assert report.videos_done == len(media_zoo) - len(BAD)
     assert report.clips == store.num_clips
+
+
+def test_a_decoders_warnings_become_the_commands_warning_lines(
+    media_zoo, tmp_path, capfd, monkeypatch
+):
+    """A damaged video decodes in a worker process; what the decoder warns about reaches the
+    user as the command's own warning line, not as a worker's bare stderr."""
+    path = media_zoo[CORRUPT_MIDDLE][0]
+    args = ["embed", path, "--model", "random", "--store", tmp_path / "store"]
+    code, _, err = run_cli(args, capfd, monkeypatch)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "undecodable packets" in line]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"avindex: warning: {path.resolve()}: skipped"
+    ), err
 
 
 def test_video_without_audio_track_has_visual_rows_only(media_zoo, zoo_store):

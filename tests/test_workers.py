@@ -3,6 +3,7 @@ job fails that job only, and the pool goes on with fresh workers."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -44,6 +45,13 @@ def finish_after(marker, seconds: float) -> None:
     """Works for `seconds`, then leaves `marker` behind (what an observer can see finished)."""
     time.sleep(seconds)
     marker.touch()
+
+
+def warn_and_return(message: str) -> int:
+    """Logs an avindex warning the way a decoder reports a damaged packet, then returns."""
+    logging.getLogger("avindex.decode").warning("%s: skipped %d undecodable packets", message, 3)
+    logging.getLogger("avindex.decode").info("not forwarded: below warning")
+    return 7
 
 
 def square(x: int) -> int:
@@ -168,3 +176,14 @@ def test_sandbox_serves_calls_from_threads_and_survives_crashes() -> None:
         results = list(threads.map(one, range(12)))
     for i, result in enumerate(results):
         assert result == ("decoder crashed (SIGSEGV)" if i % 4 == 0 else i * i)
+
+
+def test_a_workers_warnings_are_logged_by_the_parent(caplog) -> None:
+    """Warnings a job logs in its worker arrive on the parent's logger of the same name (the CLI
+    prints them as warning lines), before the job's result; '%' in them is text, not a format."""
+    with caplog.at_level(logging.INFO, logger="avindex"):
+        assert run_isolated(warn_and_return, "/v/100%.mp4") == 7
+    records = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    assert records == [
+        ("avindex.decode", logging.WARNING, "/v/100%.mp4: skipped 3 undecodable packets")
+    ]
