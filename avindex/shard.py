@@ -393,6 +393,17 @@ def _check_strings(data: h5py.Dataset, path: Path) -> None:
 
 def verify(path: Path) -> ShardSummary:
     """Summary of a shard after reading every row of every dataset; raises ShardError."""
+    reading = verify_reading(path)
+    while True:
+        try:
+            next(reading)
+        except StopIteration as done:
+            return done.value
+
+
+def verify_reading(path: Path) -> Iterator[int]:
+    """verify() step by step: yields the rows read after each block (a stall timer watching it
+    sees a big shard on a slow disk progress) and returns the summary; raises ShardError."""
     try:
         with _open(path) as h5:
             summary = _summarize(h5, path)
@@ -402,6 +413,7 @@ def verify(path: Path) -> ShardSummary:
                     block = data[start : start + VERIFY_ROWS]
                     if name == "t0" and not np.isfinite(block).all():
                         raise ShardError("dataset t0 holds values that are not finite")
+                    yield start + len(block)
             return summary
     except READ_ERRORS as exc:
         raise ShardError(one_line(exc)) from exc

@@ -6,6 +6,7 @@ import collections
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,14 @@ def copies_on_disk(store_dir: Path) -> collections.Counter:
 def hang(path: Path) -> None:
     """Stands for a shard that makes HDF5 loop forever (isolated reader tests)."""
     time.sleep(3600)
+
+
+def slow_steps(path: Path) -> Iterator[int]:
+    """Stands for a big shard on a slow disk: 2 s in all, a block every 0.4 s; returns 'read'."""
+    for step in range(5):
+        time.sleep(0.4)
+        yield step
+    return "read"
 
 
 def crash(path: Path) -> None:

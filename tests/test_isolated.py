@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from storefactory import crash, fake_video, hang, make_meta
+from storefactory import crash, fake_video, hang, make_meta, slow_steps
 
 from avindex import isolated
-from avindex.shard import ShardError, summarize, verify
+from avindex import shard as shard_module
+from avindex.shard import ShardError, summarize, verify, verify_reading
 from avindex.store import StoreWriter
 
 
@@ -33,6 +34,16 @@ def test_a_shard_that_hangs_or_crashes_the_reader_is_one_shard_error(shard: Path
     with pytest.raises(ShardError, match=r"shard reader crashed \(SIGSEGV\)"):
         isolated.call(crash, shard)
     assert isolated.call(summarize, shard).rows == 3
+
+
+def test_the_stall_limit_is_per_block_read_not_per_shard(shard: Path, monkeypatch) -> None:
+    """A read that reports each block is never stalled while blocks keep coming, however long
+    it takes in all; verify_reading (what `check` runs) reports each block."""
+    assert isolated.call(slow_steps, shard, timeout=1.0) == "read"
+    monkeypatch.setattr(shard_module, "VERIFY_ROWS", 2)
+    steps = list(verify_reading(shard))  # 3 rows: blocks of 2 and 1, for each row dataset
+    assert steps == [2, 3] * (len(steps) // 2) and len(steps) >= 6
+    assert verify(shard) == isolated.call(verify_reading, shard)
 
 
 def test_errors_of_the_function_come_back_as_shard_errors(tmp_path: Path) -> None:
