@@ -151,10 +151,30 @@ class EventClass:
     freq: float  # Hz: tone pitch, chirp start, noise band centre, beat carrier
 
 
-def event_classes(k: int) -> list[EventClass]:
-    """The K classes: hue by index, shape/sound cycling by index, pitch log-spaced 200-6400 Hz."""
+_GOLDEN = (5**0.5 - 1) / 2  # steps by it spread any number of points evenly over [0, 1)
+
+
+def event_classes(k: int, distinct: bool = False) -> list[EventClass]:
+    """The K classes: hue by index, shape/sound cycling by index, pitch log-spaced 200-6400 Hz.
+
+    `distinct` (one class per video: every video its own picture and sound) gives each class its
+    own shape, sound and motion together while K <= 48, and spreads hue and pitch by golden-ratio
+    steps, so classes close in index are far apart in colour and pitch; by index alone, classes
+    four apart shared shape and sound type and differed by a small step of hue and pitch.
+    """
     shapes, motions = ("disc", "square", "bar", "ring"), ("pulse", "sway", "orbit")
     sounds = ("tone", "chirp", "noise", "beat")
+    if distinct:
+        return [
+            EventClass(
+                colour=colorsys.hsv_to_rgb((c * _GOLDEN) % 1.0, 0.9, 0.95),
+                shape=shapes[c % 4],
+                motion=motions[(c // 16) % 3],
+                sound=sounds[(c // 4) % 4],
+                freq=200.0 * 2 ** (5.0 * ((0.5 + c * _GOLDEN**2) % 1.0)),
+            )
+            for c in range(k)
+        ]
     return [
         EventClass(
             colour=colorsys.hsv_to_rgb(c / k, 0.9, 0.95),
@@ -398,7 +418,7 @@ def make_video(path: str | os.PathLike, cfg: SynthConfig, index: int) -> np.ndar
     _check_difficulty(cfg)
     hard = cfg.difficulty != "easy"
     rng = np.random.default_rng([cfg.seed, index])
-    classes = event_classes(cfg.classes)
+    classes = event_classes(cfg.classes, distinct=cfg.one_class_per_video)
     labels = video_labels(rng, cfg, index)
     size = (cfg.width, cfg.height)
     style = _hard_style(rng, size, cfg.difficulty) if hard else _style(rng, size)

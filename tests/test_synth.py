@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -293,6 +294,22 @@ def test_one_class_per_video(tmp_path) -> None:
         "video_0001.mp4": {1},
         "video_0002.mp4": {2},
     }
+
+
+def test_one_class_per_video_makes_every_class_its_own_look_and_sound() -> None:
+    """Up to 48 classes, no two share shape, sound and motion; classes next to each other in
+    index differ in shape and by at least a sixth of the colour wheel and a fifth of an octave.
+    The default classes (segments of shared classes) stay as they were."""
+    for k in (2, 10, 30, 48):
+        classes = event_classes(k, distinct=True)
+        assert len({(c.shape, c.sound, c.motion) for c in classes}) == k
+        for a, b in itertools.pairwise(classes):
+            hue_a, hue_b = (colorsys.rgb_to_hsv(*c.colour)[0] for c in (a, b))
+            assert a.shape != b.shape and min(abs(hue_a - hue_b), 1 - abs(hue_a - hue_b)) > 1 / 6
+            assert abs(np.log2(a.freq / b.freq)) > 0.2
+            assert 200 <= a.freq <= 6400
+    assert event_classes(30)[4].shape == event_classes(30)[0].shape == "disc"
+    assert event_classes(30)[4].sound == event_classes(30)[0].sound == "tone"
 
 
 def test_cli_synth_hard_and_bad_difficulty(tmp_path, monkeypatch, capsys) -> None:
