@@ -437,6 +437,12 @@ def train(
         help="Stop after N steps without a better validation criterion (0: never). Default: 10 "
         "validations with --time-limit, off without.",
     ),
+    holdout: str = typer.Option(
+        None,
+        help="What validation holds out until the fold-in: videos (a fifth of them; measures "
+        "videos never seen; the default) or moments (the last fifth of every video; measures "
+        "search within this collection, for collections whose videos are all unlike each other).",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an OUT with a run."),
     device: str = typer.Option(None, help="auto | cpu | cuda."),
@@ -469,6 +475,7 @@ def train(
         "checkpoint_every": checkpoint_every,
         "val_every": val_every,
         "patience": patience,
+        "holdout": holdout,
         "device": device,
         "seed": seed,
     }

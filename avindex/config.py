@@ -100,17 +100,22 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ValConfig:
-    """Validation on held-out videos, the criterion best.pt follows, early stopping, fold-in."""
+    """Validation on held-out videos or moments, the criterion best.pt follows, early stopping,
+    fold-in."""
 
     val_every: int = 250  # steps between validations
-    val_fraction: float = 0.2  # videos held out of the main phase (at least 2; 0: no validation)
+    # What validation holds out of the main phase: "videos" (val_fraction of the videos, at least
+    # 2: the criterion measures videos never seen) or "moments" (the last val_fraction of every
+    # video: it measures search within the training collection). 0: no validation.
+    holdout: str = "videos"
+    val_fraction: float = 0.2
     val_samples: int = 1024  # fixed held-out moments: each gives a positive and a negative pair
     # Stop when the criterion has not improved by `min_delta` for this many steps. None: on
     # (10 validations) with a time limit, off for a fixed number of steps; 0: never.
     patience: int | None = None
     min_delta: float = 0.002
-    # Fold the held-out videos back in: train on every video for this fraction of the best step's
-    # steps (at least `min_fold_steps`), starting from the best model, so best.pt covers them too.
+    # Fold what was held out back in: train on every video, whole, for this fraction of the best
+    # step's steps (at least `min_fold_steps`), from the best model, so best.pt covers it too.
     fold_in: float = 0.25
     min_fold_steps: int = 50
 

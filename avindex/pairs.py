@@ -33,11 +33,18 @@ MIN_VIDEOS = 2  # AVC negatives pair frames and audio of different videos
 
 @dataclass(frozen=True)
 class Video:
-    """A usable training video: its index in the run's list, path and duration (seconds)."""
+    """A usable training video: its index in the run's list, its path, and the span of it that
+    moments are drawn from, [start, end) seconds (the whole file, or a part of it when the rest
+    is held out for validation)."""
 
     index: int
     path: str
-    duration: float
+    end: float
+    start: float = 0.0
+
+    def part(self, start: float, end: float) -> Video:
+        """The same video, drawn from [start, end) only."""
+        return Video(self.index, self.path, end, start)
 
 
 @dataclass
@@ -87,33 +94,57 @@ def split_videos(
             raise AvindexError(
                 f"{len(videos)} usable videos: training with validation needs at least "
                 f"{2 * MIN_VIDEOS} ({MIN_VIDEOS} held out, {MIN_VIDEOS} to train on); "
-                "add videos"
+                "add videos or use --holdout moments"
             )
     val = sorted((videos[i] for i in order[:n_val]), key=lambda v: v.index)
     train = sorted((videos[i] for i in order[n_val:]), key=lambda v: v.index)
     return train, val
 
 
-def sample_moments(
-    duration: float, n: int, rng: np.random.Generator, clip_seconds: float = 1.0
-) -> list[Moment]:
-    """n random moments sorted by frame time; each audio window [ta, ta+clip) overlaps its frame.
+def split_moments(
+    videos: Sequence[Video], val_fraction: float, clip_seconds: float
+) -> tuple[list[Video], list[Video]]:
+    """Split every video in time into (train, val): the last `val_fraction` of each is held out,
+    the rest trains; no training moment's frame or sound reaches into the held-out part. Videos
+    too short to give a clip to each side train whole and are not validated."""
+    train, val = [], []
+    for video in videos:
+        cut = video.start + (video.end - video.start) * (1.0 - val_fraction)
+        if val_fraction > 0 and min(cut - video.start, video.end - cut) >= clip_seconds:
+            train.append(video.part(video.start, cut))
+            val.append(video.part(cut, video.end))
+        else:
+            train.append(video)
+    if val_fraction > 0 and len(val) < MIN_VIDEOS:
+        raise AvindexError(
+            f"{len(val)} of {len(videos)} videos are long enough to hold out their last "
+            f"{val_fraction:.0%} (a {clip_seconds:g} s clip on each side of the cut): validation "
+            f"needs at least {MIN_VIDEOS}; add longer videos or use --holdout videos"
+        )
+    return train, val
 
-    The frame time tf is uniform over the video; ta is uniform over [tf - clip, tf] clipped to
-    [0, duration - clip], an interval that always contains a start whose window covers tf.
+
+def sample_moments(
+    video: Video, n: int, rng: np.random.Generator, clip_seconds: float = 1.0
+) -> list[Moment]:
+    """n random moments of the video's span sorted by frame time; each audio window
+    [ta, ta+clip) overlaps its frame, and frame and window stay within [start, end).
+
+    The frame time tf is uniform over the span; ta is uniform over [tf - clip, tf] clipped to
+    [start, end - clip], an interval that always contains a start whose window covers tf.
     """
-    frame_times = np.sort(rng.uniform(0.0, duration, n))
-    lo = np.maximum(0.0, frame_times - clip_seconds)
-    hi = np.minimum(frame_times, max(0.0, duration - clip_seconds))
+    frame_times = np.sort(rng.uniform(video.start, video.end, n))
+    lo = np.maximum(video.start, frame_times - clip_seconds)
+    hi = np.minimum(frame_times, max(video.start, video.end - clip_seconds))
     starts = rng.uniform(lo, np.maximum(lo, hi))
     return [Moment(float(t), float(a)) for t, a in zip(frame_times, starts, strict=True)]
 
 
-def visit_size(duration: float, cfg: DataConfig) -> int:
+def visit_size(video: Video, cfg: DataConfig) -> int:
     """Moments per visit: a visit decodes every frame up to its last moment, so longer videos
     give more moments (measured on 20 s clips: 10 ms per moment at 8, 2 ms at 40), capped so
     one video cannot fill the shuffle buffer."""
-    n = max(cfg.moments_per_video, math.ceil(duration * cfg.moments_per_second))
+    n = max(cfg.moments_per_video, math.ceil((video.end - video.start) * cfg.moments_per_second))
     return min(n, max(cfg.moments_per_video, cfg.shuffle_buffer // 4))
 
 
@@ -203,10 +234,10 @@ class PairStream:
         self.threads: list[threading.Thread] = []
         self.pool: WorkerPool | None = None
 
-    def include(self, videos: Sequence[Video]) -> None:
-        """Sample these videos too from now on (the held-out videos, folded back in)."""
+    def use(self, videos: Sequence[Video]) -> None:
+        """Sample these videos from now on (the held-out ones folded back in)."""
         # One list swap: the job source reads self.videos afresh at every visit.
-        self.videos = self.videos + [v for v in videos if v not in self.videos]
+        self.videos = list(videos)
 
     def start(self) -> PairStream:
         """Start the decoder processes, the thread that collects their moments, the batcher."""
@@ -256,10 +287,7 @@ class PairStream:
                     raise AvindexError("every training video failed to decode; see the warnings")
                 continue  # draw again
             moments = sample_moments(
-                video.duration,
-                visit_size(video.duration, self.cfg),
-                rng,
-                self.audio_cfg.clip_seconds,
+                video, visit_size(video, self.cfg), rng, self.audio_cfg.clip_seconds
             )
             args = (video.path, moments, self.audio_cfg, self.video_cfg)
             yield Job((visit, video), read_moments, args)
@@ -376,7 +404,7 @@ def read_val_set(
     warning."""
     rng = np.random.default_rng([seed, 2 << 20])
     per_video = -(-n_samples // max(1, len(videos)))
-    plans = [sample_moments(v.duration, per_video, rng, audio_cfg.clip_seconds) for v in videos]
+    plans = [sample_moments(v, per_video, rng, audio_cfg.clip_seconds) for v in videos]
     jobs = [
         Job(i, read_moments, (video.path, moments, audio_cfg, video_cfg))
         for i, (video, moments) in enumerate(zip(videos, plans, strict=True))

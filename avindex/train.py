@@ -48,7 +48,15 @@ from avindex.model import (
     load_checkpoint,
     save_checkpoint,
 )
-from avindex.pairs import Batch, PairStream, ValSet, Video, read_val_set, split_videos
+from avindex.pairs import (
+    Batch,
+    PairStream,
+    ValSet,
+    Video,
+    read_val_set,
+    split_moments,
+    split_videos,
+)
 from avindex.pairs import usable_videos as probe_videos
 from avindex.pipelines import Preprocessor
 from avindex.presets import SMALL, Preset
@@ -147,6 +155,20 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
             f"{out}: already holds a run ({', '.join(found)}); pass --resume to continue it, "
             "--overwrite to start over, or another --out"
         )
+
+
+HOLDOUTS = ("videos", "moments")
+
+
+def hold_out(
+    videos: Sequence[Video], cfg: ValConfig, clip: float, seed: int
+) -> tuple[list[Video], list[Video]]:
+    """(train, val) as `cfg.holdout` says: whole videos held out, or the end of every video."""
+    if cfg.holdout not in HOLDOUTS:
+        raise AvindexError(f"--holdout {cfg.holdout!r}: use one of {', '.join(HOLDOUTS)}")
+    if cfg.holdout == "moments":
+        return split_moments(videos, cfg.val_fraction, clip)
+    return split_videos(videos, cfg.val_fraction, seed)
 
 
 def retrieval_labels(
@@ -430,9 +452,8 @@ class Trainer:
                 raise AvindexError(
                     "no media files found under the given paths; pass videos or folders"
                 )
-            self.train_videos, self.val_videos = split_videos(
-                probe_videos(found, clip, cfg.data.decode_workers), cfg.val.val_fraction, cfg.seed
-            )
+            self.videos = probe_videos(found, clip, cfg.data.decode_workers)
+            self.train_videos, self.val_videos = hold_out(self.videos, cfg.val, clip, cfg.seed)
             shard = self.train_videos[dist.rank :: dist.world]
             if len(shard) < 2:
                 raise AvindexError(
@@ -680,12 +701,12 @@ class Trainer:
             self._save(BEST)
 
     def _fold_in(self, flag: dict[str, bool]) -> dict[str, Any]:
-        """Train from the best model on every video for fold_in x its steps (at least
+        """Train from the best model on every video, whole, for fold_in x its steps (at least
         min_fold_steps) within the run's step and time budgets."""
         cfg, state, dist = self.cfg, self.state, self.dist
         self.model.load_state_dict(state.best_weights["model"])
         self.optimizer.load_state_dict(state.best_weights["optimizer"])
-        self.stream.include(self.val_videos[dist.rank :: dist.world])
+        self.stream.use(self.videos[dist.rank :: dist.world])
         start = state.step
         wanted = max(cfg.val.min_fold_steps, math.ceil(cfg.val.fold_in * state.stopping.step))
         planned = min(wanted, cfg.max_steps - start)

@@ -54,7 +54,7 @@ def threads_rate(videos: list, data: DataConfig, seconds: float) -> float:
         rng = np.random.default_rng([0, worker])
         while not stop.is_set():
             video = videos[rng.integers(len(videos))]
-            moments = sample_moments(video.duration, visit_size(video.duration, data), rng)
+            moments = sample_moments(video, visit_size(video, data), rng)
             for data_ in read_moments(video.path, moments, SMALL.audio, SMALL.video):
                 while not stop.is_set():
                     try:

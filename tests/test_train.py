@@ -20,6 +20,7 @@ import pytest
 import torch
 from mediafactory import write_bad
 
+from avindex import pairs
 from avindex.config import SynthConfig
 from avindex.errors import AvindexError
 from avindex.model import L3Net, load_checkpoint
@@ -29,10 +30,12 @@ from avindex.pairs import (
     build_pairs,
     mismatch_by_video,
     sample_moments,
+    split_moments,
     split_videos,
 )
 from avindex.pairs import Video as PairVideo
 from avindex.presets import SMALL
+from avindex.scan import find_media
 from avindex.synth import make_corpus
 from avindex.train import BEST, LAST, METRICS, train, validation_metrics
 
@@ -90,15 +93,18 @@ def trained(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     return run, result, warnings
 
 
-def test_sampled_audio_windows_overlap_their_frames() -> None:
+@pytest.mark.parametrize("start", [0.0, 3.25])
+def test_sampled_audio_windows_overlap_their_frames(start: float) -> None:
+    """Within the video's span [start, start + duration): frames and whole audio windows."""
     rng = np.random.default_rng(0)
     for duration in (1.0, 1.04, 2.5, 7.0, 60.0):
-        moments = sample_moments(duration, 2000, rng, clip_seconds=1.0)
-        tf = np.array([m.frame_time for m in moments])
-        ta = np.array([m.audio_start for m in moments])
+        span = PairVideo(0, "v.mp4", start + duration, start)
+        moments = sample_moments(span, 2000, rng, clip_seconds=1.0)
+        tf = np.array([m.frame_time for m in moments]) - start
+        ta = np.array([m.audio_start for m in moments]) - start
         assert np.all(np.diff(tf) >= 0), "read_moments needs moments sorted by frame time"
         assert np.all((tf >= 0) & (tf < duration))
-        assert np.all((ta >= 0) & (ta <= duration - 1.0 + 1e-9)), "window inside the video"
+        assert np.all((ta >= 0) & (ta <= duration - 1.0 + 1e-9)), "window inside the span"
         assert np.all((ta <= tf) & (tf < ta + 1.0)), "the paper's rule: audio overlaps the frame"
         if duration >= 7:
             # Offsets spread over the whole allowed second, not a fixed alignment.
@@ -162,11 +168,42 @@ def test_split_holds_out_two_videos_from_few() -> None:
         split_videos(videos[:3], 0.2, seed=3)
 
 
+def test_moments_holdout_keeps_the_end_of_every_video_out_of_training() -> None:
+    """--holdout moments: every video long enough trains on its first 80% and validates on the
+    rest, no moment sampled for training reaches the cut; a video too short to give a 1 s clip
+    to each side trains whole."""
+    from avindex.errors import AvindexError
+
+    videos = [PairVideo(i, f"v{i}.mp4", d) for i, d in enumerate([10.0, 20.0, 6.0, 1.5])]
+    train_set, val = split_moments(videos, 0.2, clip_seconds=1.0)
+
+    def spans(parts: list) -> list:
+        return [(v.index, v.path, round(v.start, 9), round(v.end, 9)) for v in parts]
+
+    assert spans(val) == [
+        (0, "v0.mp4", 8.0, 10.0),
+        (1, "v1.mp4", 16.0, 20.0),
+        (2, "v2.mp4", 4.8, 6.0),
+    ]
+    assert spans(train_set) == [
+        (0, "v0.mp4", 0.0, 8.0),
+        (1, "v1.mp4", 0.0, 16.0),
+        (2, "v2.mp4", 0.0, 4.8),
+        (3, "v3.mp4", 0.0, 1.5),
+    ]
+    rng = np.random.default_rng(5)
+    for part, held in zip(train_set, val, strict=False):
+        moments = sample_moments(part, 500, rng, clip_seconds=1.0)
+        assert all(m.audio_start + 1.0 <= held.start + 1e-9 for m in moments)  # sound too
+        assert all(m.frame_time < held.start for m in moments)
+    assert split_moments(videos, 0.0, 1.0) == (videos, [])
+    with pytest.raises(AvindexError, match=r"1 of 2 videos are long enough .* at least 2"):
+        split_moments([videos[1], videos[3]], 0.2, clip_seconds=1.0)
+
+
 def test_decode_error_skips_only_that_video(corpus, tmp_path, caplog) -> None:
     """A video whose decoder fails (in its decoder process) is marked bad with one warning; the
     stream goes on with the others."""
-    from avindex import pairs
-
     good = sorted(corpus.glob("video_*.mp4"))[:2]
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
@@ -422,6 +459,7 @@ DDP_ENTRY = """
 import os, sys
 import torch
 from avindex.presets import SMALL
+from avindex.scan import find_media
 from avindex.train import Trainer
 
 corpus, out, dump = sys.argv[1:4]
@@ -537,6 +575,33 @@ def test_early_stopping_stops_and_reports_where_the_best_was(corpus: Path, tmp_p
     assert "(patience)" in result.summary() and f"best.pt: step {result.best['step']}" in (
         result.summary()
     )
+
+
+def test_moments_holdout_validates_every_video_and_folds_in_their_ends(
+    corpus, tmp_path, monkeypatch
+):
+    """--holdout moments: validation holds moments of every usable video (its end), so the
+    criterion measures search within the collection; the fold-in trains on whole videos."""
+    folded: list = []
+    use = pairs.PairStream.use
+    monkeypatch.setattr(
+        pairs.PairStream, "use", lambda self, videos: (folded.extend(videos), use(self, videos))
+    )
+    run = tmp_path / "run"
+    preset = _preset(max_steps=14, val_every=5, holdout="moments", min_fold_steps=3)
+    result = train([corpus], run, preset, progress=False)
+    usable = CORPUS.videos + 1  # the labelled corpus and corrupt_middle.mp4 (still usable)
+    vals = _records(run, "val")
+    # The main phase: floor(14 / (1 + fold_in 0.25)) = 11 steps, validated at its end too.
+    assert [v["step"] for v in vals] == [5, 10, 11]
+    assert all(v["val_videos"] == usable for v in vals)
+    assert result.fold_in["videos"] == usable and result.fold_in["steps"] == 3
+    whole = pairs.usable_videos(find_media([corpus]), 1.0, workers=1)
+    assert sorted((v.path, v.start, v.end) for v in folded) == sorted(
+        (v.path, v.start, v.end) for v in whole
+    )
+    with pytest.raises(AvindexError, match="--holdout 'clips': use one of videos, moments"):
+        train([corpus], tmp_path / "bad", _preset(holdout="clips"), progress=False)
 
 
 def test_patience_is_on_by_default_only_with_a_time_limit() -> None:
