@@ -144,6 +144,7 @@ def _worker_main(conn: Connection, limits: PoolLimits) -> None:
             return
         key, fn, args = job
         try:
+            outbox.send(("started", key, None))  # the job's module is imported: its clock starts
             result = fn(*args)
             if inspect.isgenerator(result):
                 while True:
@@ -334,8 +335,9 @@ class WorkerPool:
         try:
             while worker.conn.poll():
                 kind, key, value = worker.conn.recv()
-                if kind == "ready":
+                if kind in ("ready", "started"):  # start-up is not a job's silence
                     worker.started, self._failed_starts = True, 0
+                    worker.last_heard = time.monotonic()
                     continue
                 if kind == "log":  # `key` is the logger's name, `value` (level, message)
                     logging.getLogger(key).log(*value)

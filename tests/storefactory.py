@@ -80,9 +80,9 @@ def hang(path: Path) -> None:
 
 
 def slow_steps(path: Path) -> Iterator[int]:
-    """Stands for a big shard on a slow disk: 2 s in all, a block every 0.4 s; returns 'read'."""
-    for step in range(5):
-        time.sleep(0.4)
+    """Stands for a big shard on a slow disk: 4 s in all, a block every 0.5 s; returns 'read'."""
+    for step in range(8):
+        time.sleep(0.5)
         yield step
     return "read"
 

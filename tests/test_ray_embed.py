@@ -69,9 +69,10 @@ def test_a_killed_actor_is_retried_and_every_clip_is_stored_once(
     from avindex.ray_embed import embed_on_ray
 
     killed = []
+    earlier = set(_actor_pids())  # an earlier run's actor may linger: killing it tests nothing
 
     def kill_an_actor(report) -> None:
-        pids = _actor_pids()
+        pids = [pid for pid in _actor_pids() if pid not in earlier]
         if not killed and pids:
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])

@@ -12,9 +12,11 @@ import pytest
 from storefactory import fake_video, make_meta
 
 from avindex import isolated
+from avindex import shard as shard_module
 from avindex.catalog import shard_names
 from avindex.check import check_store
 from avindex.claims import WorkQueue
+from avindex.durable import WriterId
 from avindex.errors import AvindexError
 from avindex.store import Store, StoreWriter
 
@@ -41,12 +43,17 @@ def damaged(data: bytes, rng: random.Random) -> bytes:
 def good_store(tmp_path_factory) -> tuple[Path, bytes]:
     """Three good shards (videos 0-5) and the bytes of a fourth (videos 6-7) to damage."""
     root = tmp_path_factory.mktemp("fuzz")
-    for first in (0, 2, 4, 6):
-        with StoreWriter(root / "good", make_meta()) as writer:
-            for i in (first, first + 1):
-                writer.add_video(*fake_video(i, 5))
-            if first == 6:
-                writer.add_failure(fake_video(9, 1)[0], "a failed video")
+    # The same bytes on every machine (the writer's host and pid and the time are attributes of
+    # the shard), so a seeded case that fails in CI fails the same way anywhere.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(WriterId, "current", classmethod(lambda cls: cls("fuzzhost", 4242, 1)))
+        patch.setattr(shard_module.time, "time", lambda: 1_764_720_000.0)
+        for first in (0, 2, 4, 6):
+            with StoreWriter(root / "good", make_meta()) as writer:
+                for i in (first, first + 1):
+                    writer.add_video(*fake_video(i, 5))
+                if first == 6:
+                    writer.add_failure(fake_video(9, 1)[0], "a failed video")
     last = root / "good" / shard_names(root / "good")[-1]
     data = last.read_bytes()
     last.unlink()
@@ -62,28 +69,31 @@ def test_damaged_shards_never_stop_the_store(good_store, tmp_path, monkeypatch) 
     rng = random.Random(20261203)
     outcomes = {"skipped": 0, "accepted": 0}
     for case in range(CASES):
-        store = tmp_path / f"case{case}"
-        shutil.copytree(good, store)
-        bad = store / "shard-99999999999999999999-fuzz-1-1-00000000.h5"
-        bad.write_bytes(damaged(data, rng))
+        try:  # which seeded case failed, to reproduce it alone
+            store = tmp_path / f"case{case}"
+            shutil.copytree(good, store)
+            bad = store / "shard-99999999999999999999-fuzz-1-1-00000000.h5"
+            bad.write_bytes(damaged(data, rng))
 
-        opened = Store(store)
-        outcomes["skipped" if opened.warnings else "accepted"] += 1
-        assert all(bad.name in w for w in opened.warnings)
-        good_names = [n for n in opened.shard_names if n != bad.name]
-        intact = np.concatenate([v for _, v in opened.iter_blocks("visual", shards=good_names)])
-        np.testing.assert_array_equal(intact, expected)
-        try:  # an accepted damaged shard may still fail a read: with one line naming it
-            list(opened.iter_blocks("audio"))
-            opened.clips(range(opened.num_clips))
-        except AvindexError as exc:
-            assert bad.name in str(exc)
-        with WorkQueue(store, records) as work:
-            assert work.skipped >= 6
+            opened = Store(store)
+            outcomes["skipped" if opened.warnings else "accepted"] += 1
+            assert all(bad.name in w for w in opened.warnings)
+            good_names = [n for n in opened.shard_names if n != bad.name]
+            intact = np.concatenate([v for _, v in opened.iter_blocks("visual", shards=good_names)])
+            np.testing.assert_array_equal(intact, expected)
+            try:  # an accepted damaged shard may still fail a read: with one line naming it
+                list(opened.iter_blocks("audio"))
+                opened.clips(range(opened.num_clips))
+            except AvindexError as exc:
+                assert bad.name in str(exc)
+            with WorkQueue(store, records) as work:
+                assert work.skipped >= 6
 
-        report = check_store(store, repair=True)
-        assert report.clean, [f.line() for f in report.findings]
-        assert Store(store).warnings == []
-        assert bad.exists() or (store / "quarantine" / bad.name).exists()  # never deleted
-        shutil.rmtree(store)
+            report = check_store(store, repair=True)
+            assert report.clean, [f.line() for f in report.findings]
+            assert Store(store).warnings == []
+            assert bad.exists() or (store / "quarantine" / bad.name).exists()  # never deleted
+            shutil.rmtree(store)
+        except AssertionError as exc:
+            raise AssertionError(f"damage case {case} (seed 20261203): {exc}") from exc
     assert outcomes["skipped"] > CASES // 4, outcomes
