@@ -144,7 +144,9 @@ def _worker_main(conn: Connection, limits: PoolLimits) -> None:
             return
         key, fn, args = job
         try:
-            outbox.send(("started", key, None))  # the job's module is imported: its clock starts
+            # The job's module is imported now: its silence is timed from here, so the import
+            # does not eat into the time allowed before its first item.
+            outbox.send(("started", key, None))
             result = fn(*args)
             if inspect.isgenerator(result):
                 while True:
@@ -176,6 +178,18 @@ def _send_failure(outbox: _Outbox, key: Hashable, reason: str, exc: BaseExceptio
     except Exception:  # such an exception travels as its text only
         exc = None
     outbox.send(("failed", key, (reason, exc)))
+
+
+def _as_event(kind: str, key: Hashable, value: Any, role: str) -> Event:
+    """The consumer's event for a worker's message about a job."""
+    if kind == "item":
+        return Item(key, value)
+    if kind == "done":
+        return Done(key, value)
+    if kind == "failed":
+        return Failed(key, *value)
+    # E.g. a worker started from another avindex version, installed while this one ran.
+    return Failed(key, f"{role} sent an unknown message {kind!r}")
 
 
 class _Process:
@@ -335,7 +349,7 @@ class WorkerPool:
         try:
             while worker.conn.poll():
                 kind, key, value = worker.conn.recv()
-                if kind in ("ready", "started"):  # start-up is not a job's silence
+                if kind in ("ready", "started"):  # the job's silence is timed from its start
                     worker.started, self._failed_starts = True, 0
                     worker.last_heard = time.monotonic()
                     continue
@@ -343,13 +357,10 @@ class WorkerPool:
                     logging.getLogger(key).log(*value)
                     continue
                 waited = time.monotonic()
-                if kind == "failed":
-                    event: Event = Failed(key, *value)
-                else:
-                    event = (Item if kind == "item" else Done)(key, value)
+                event = _as_event(kind, key, value, self._limits.role)
                 if not self._put(event):
                     return
-                if kind != "item":
+                if not isinstance(event, Item):
                     worker.job = None
                 # Time spent waiting for the consumer is not the worker's silence.
                 for other in self._workers:

@@ -14,7 +14,17 @@ import numpy as np
 import pytest
 
 from avindex.errors import AvindexError
-from avindex.workers import Done, Failed, Item, Job, PoolLimits, Sandbox, WorkerPool, run_isolated
+from avindex.workers import (
+    Done,
+    Failed,
+    Item,
+    Job,
+    PoolLimits,
+    Sandbox,
+    WorkerPool,
+    _as_event,
+    run_isolated,
+)
 
 
 def count_to(n: int):
@@ -133,7 +143,8 @@ def test_jobs_are_pulled_lazily(tmp_path) -> None:
     with WorkerPool(source(), workers=workers) as pool:
         seen = [event.key for event in pool.events() if isinstance(event, Done)]
     assert sorted(seen) == list(range(6))
-    assert all(done >= i - workers for i, done in enumerate(finished_when_asked))
+    # Asked for job i, a worker is idle: at most workers - 1 of the i jobs so far still run.
+    assert all(done >= i - workers + 1 for i, done in enumerate(finished_when_asked))
 
 
 def test_close_from_another_thread_ends_events_and_abandons_running_jobs() -> None:
@@ -187,3 +198,19 @@ def test_a_workers_warnings_are_logged_by_the_parent(caplog) -> None:
     assert records == [
         ("avindex.decode", logging.WARNING, "/v/100%.mp4: skipped 3 undecodable packets")
     ]
+
+
+def test_a_jobs_silence_is_timed_from_its_start_not_its_import() -> None:
+    """Importing the job's module (1.2 s) and then its first item (1.2 s) each fit a 2 s stall
+    limit; counted together they would not."""
+    from slow_import_job import first_item_after
+
+    assert run_isolated(first_item_after, 1.2, limits=PoolLimits(stall_seconds=2.0)) == 2
+
+
+def test_a_message_of_an_unknown_kind_fails_its_job() -> None:
+    """A worker of another avindex version (upgraded mid-run) sends what this one cannot read:
+    that job fails with the reason instead of passing for a result."""
+    event = _as_event("started-v9", 3, None, "decoder")
+    assert isinstance(event, Failed) and event.key == 3
+    assert event.reason == "decoder sent an unknown message 'started-v9'"
