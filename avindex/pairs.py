@@ -9,7 +9,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,12 +40,12 @@ class Video:
 
     index: int
     path: str
-    end: float
-    start: float = 0.0
+    end: float  # the file's duration for a whole video
+    start: float = field(default=0.0, kw_only=True)
 
     def part(self, start: float, end: float) -> Video:
         """The same video, drawn from [start, end) only."""
-        return Video(self.index, self.path, end, start)
+        return Video(self.index, self.path, end, start=start)
 
 
 @dataclass
@@ -119,7 +120,8 @@ def split_moments(
         raise AvindexError(
             f"{len(val)} of {len(videos)} videos are long enough to hold out their last "
             f"{val_fraction:.0%} (a {clip_seconds:g} s clip on each side of the cut): validation "
-            f"needs at least {MIN_VIDEOS}; add longer videos or use --holdout videos"
+            f"needs at least {MIN_VIDEOS}; add longer videos"
+            + (" or use --holdout videos" if len(videos) >= 2 * MIN_VIDEOS else "")
         )
     return train, val
 
@@ -283,7 +285,7 @@ class PairStream:
             videos = self.videos
             video = videos[rng.integers(len(videos))]
             if video.index in self.bad:
-                if len(self.bad) >= len({v.index for v in videos}):
+                if all(v.index in self.bad for v in videos):
                     raise AvindexError("every training video failed to decode; see the warnings")
                 continue  # draw again
             moments = sample_moments(
@@ -405,9 +407,12 @@ def read_val_set(
     rng = np.random.default_rng([seed, 2 << 20])
     per_video = -(-n_samples // max(1, len(videos)))
     plans = [sample_moments(v, per_video, rng, audio_cfg.clip_seconds) for v in videos]
+    # A held-out end of a video (--holdout moments) is read from the keyframe before it.
     jobs = [
-        Job(i, read_moments, (video.path, moments, audio_cfg, video_cfg))
-        for i, (video, moments) in enumerate(zip(videos, plans, strict=True))
+        Job(
+            i, partial(read_moments, seek=video.start > 0), (video.path, plan, audio_cfg, video_cfg)
+        )
+        for i, (video, plan) in enumerate(zip(videos, plans, strict=True))
     ]
     read: dict[int, list] = {i: [] for i in range(len(jobs))}
     limits = PoolLimits(role="validation decoder")

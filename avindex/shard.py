@@ -391,19 +391,10 @@ def _check_strings(data: h5py.Dataset, path: Path) -> None:
         raise ShardError(f"dataset {data.name} is damaged (strings outside the file)")
 
 
-def verify(path: Path) -> ShardSummary:
-    """Summary of a shard after reading every row of every dataset; raises ShardError."""
-    reading = verify_reading(path)
-    while True:
-        try:
-            next(reading)
-        except StopIteration as done:
-            return done.value
-
-
 def verify_reading(path: Path) -> Iterator[int]:
-    """verify() step by step: yields the rows read after each block (a stall timer watching it
-    sees a big shard on a slow disk progress) and returns the summary; raises ShardError."""
+    """Read every row of every dataset of a shard, block by block: yields the rows read after each
+    block (a stall timer watching it sees a big shard on a slow disk progress) and returns the
+    shard's summary; raises ShardError."""
     try:
         with _open(path) as h5:
             summary = _summarize(h5, path)

@@ -1,5 +1,6 @@
-"""Training: set-up in one place, then one step loop: validation on held-out videos with a stable
-criterion, early stopping, fold-in of the held-out videos, atomic checkpoints, resume, DDP."""
+"""Training: set-up in one place, then one step loop: validation on held-out videos (or the held-out
+ends of every video) with a stable criterion, early stopping, fold-in of what was held out, atomic
+checkpoints, resume, DDP."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ class TrainResult:
     stopped: str  # max_steps | time_limit | patience | signal
     val: dict[str, Any] = field(default_factory=dict)  # last validation
     best: dict[str, Any] = field(default_factory=dict)  # validation of the model best.pt holds
-    fold_in: dict[str, Any] = field(default_factory=dict)  # held-out videos folded back in
+    fold_in: dict[str, Any] = field(default_factory=dict)  # what was held out, folded back in
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,9 +112,14 @@ class TrainResult:
             cut = (
                 "" if f["stopped"] == "max_steps" else f" of {f['planned_steps']} ({f['stopped']})"
             )
+            held = (
+                f"the held-out ends of {f['videos']} included"
+                if f.get("held_out") == "moments"
+                else f"the {f['videos']} held-out ones included"
+            )
             lines.append(
                 f"fold-in: best.pt is the step-{f['from_step']} model trained {f['steps']} more "
-                f"steps{cut} on every video, the {f['videos']} held-out ones included"
+                f"steps{cut} on every video, whole, {held}"
             )
         lines.append(f"checkpoints: {self.out / BEST} (use this), {self.out / LAST} (resume)")
         lines.append(f"metrics: {self.out / METRICS}")
@@ -160,12 +166,22 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
 HOLDOUTS = ("videos", "moments")
 
 
+def check_holdout(cfg: ValConfig, saved: TrainConfig | None) -> None:
+    """A holdout this version knows and, on resume, the one the run was validated with (its best
+    criterion so far was measured on that split's pairs)."""
+    if cfg.holdout not in HOLDOUTS:
+        raise AvindexError(f"--holdout {cfg.holdout!r}: use one of {', '.join(HOLDOUTS)}")
+    if saved is not None and saved.val.holdout != cfg.holdout:
+        raise AvindexError(
+            f"--holdout {cfg.holdout}: this run was validated with --holdout "
+            f"{saved.val.holdout}; resume with that, or start over with --overwrite"
+        )
+
+
 def hold_out(
     videos: Sequence[Video], cfg: ValConfig, clip: float, seed: int
 ) -> tuple[list[Video], list[Video]]:
     """(train, val) as `cfg.holdout` says: whole videos held out, or the end of every video."""
-    if cfg.holdout not in HOLDOUTS:
-        raise AvindexError(f"--holdout {cfg.holdout!r}: use one of {', '.join(HOLDOUTS)}")
     if cfg.holdout == "moments":
         return split_moments(videos, cfg.val_fraction, clip)
     return split_videos(videos, cfg.val_fraction, seed)
@@ -445,6 +461,7 @@ class Trainer:
             # 1. Inputs, checked before anything is written: the run folder, labels, videos.
             check_run_folder(self.out, resume, overwrite)
             saved = load_checkpoint(self.out / LAST) if resume else None
+            check_holdout(cfg.val, saved.train_cfg if saved else None)
             table = labels_by_path(labels) if labels is not None else None
             clip = (saved.audio_cfg if saved else preset.audio).clip_seconds
             found = find_media(videos)
@@ -713,6 +730,7 @@ class Trainer:
         stopped = self._steps(flag, start + planned, cfg.time_limit, main=False)
         return {
             "from_step": state.stopping.step,
+            "held_out": cfg.val.holdout,
             "videos": len(self.val_videos),
             "steps": state.step - start,
             "planned_steps": planned,

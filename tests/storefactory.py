@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from avindex.catalog import Catalog
+from avindex.shard import ShardSummary, verify_reading
 from avindex.store import Store, StoreMeta, VideoRecord
 
 DIM = 8
@@ -77,6 +78,16 @@ def copies_on_disk(store_dir: Path) -> collections.Counter:
 def hang(path: Path) -> None:
     """Stands for a shard that makes HDF5 loop forever (isolated reader tests)."""
     time.sleep(3600)
+
+
+def verified(path: Path) -> ShardSummary:
+    """A shard's summary after reading every row (shard.verify_reading, run to its end)."""
+    reading = verify_reading(path)
+    while True:
+        try:
+            next(reading)
+        except StopIteration as done:
+            return done.value
 
 
 def slow_steps(path: Path) -> Iterator[int]:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from storefactory import corpus, fake_video, make_meta
+from storefactory import corpus, fake_video, make_meta, verified
 
 from avindex import catalog as catalog_module
 from avindex import durable
@@ -21,7 +21,6 @@ from avindex.catalog import CATALOG_DIR, Catalog, entry_path, shard_names
 from avindex.check import check_store
 from avindex.claims import WorkQueue
 from avindex.errors import AvindexError
-from avindex.shard import verify
 from avindex.store import Store, StoreWriter, clear_tmp
 
 WORKER = Path(__file__).parent / "store_worker.py"
@@ -46,7 +45,7 @@ def test_entries_equal_a_full_read_of_every_shard(tmp_path: Path, monkeypatch) -
     catalog.read(names)
     assert (catalog.from_catalog, catalog.from_shards) == (len(names), 0)
     for name in names:
-        assert catalog.summaries[name] == verify(tmp_path / name)
+        assert catalog.summaries[name] == verified(tmp_path / name)
 
     # Opening the store, its counts and its videos table come from the catalog: no shard opened.
     full = Store(tmp_path)

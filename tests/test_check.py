@@ -15,11 +15,13 @@ import pytest
 from conftest import run_cli
 from storefactory import fake_video, make_meta
 
+from avindex import check as check_module
 from avindex.catalog import entry_path, shard_names
 from avindex.claims import ClaimDir, WorkQueue
 from avindex.config import ClaimConfig
 from avindex.durable import WriterId
 from avindex.errors import AvindexError
+from avindex.shard import verify_reading
 from avindex.store import Store, StoreWriter
 
 DAMAGES = ["truncated", "empty", "random-bytes", "videos-path", "ids-outside-table"]
@@ -195,6 +197,14 @@ def test_check_of_a_missing_store_is_a_one_line_error(tmp_path, capsys, monkeypa
 
 
 def test_a_clean_store_checks_clean(tmp_path, capsys, monkeypatch) -> None:
+    """Every shard is read whole in the isolated reader, block by block (so its stall limit is
+    per block, and a big shard on a slow disk is not taken for one that hangs HDF5)."""
     write_store(tmp_path)
+    read_with = []
+    call = check_module.isolated.call
+    monkeypatch.setattr(
+        check_module.isolated, "call", lambda fn, path: (read_with.append(fn), call(fn, path))[1]
+    )
     code, out, _ = run_cli(["check", tmp_path], capsys, monkeypatch)
     assert code == 0 and out.splitlines() == [f"{tmp_path}: 3 shards, 3 good; clean"]
+    assert read_with == [verify_reading] * 3

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from storefactory import crash, fake_video, hang, make_meta, slow_steps
+from storefactory import crash, fake_video, hang, make_meta, slow_steps, verified
 
 from avindex import isolated
 from avindex import shard as shard_module
-from avindex.shard import ShardError, summarize, verify, verify_reading
+from avindex.shard import ShardError, summarize, verify_reading
 from avindex.store import StoreWriter
 
 
@@ -24,7 +24,7 @@ def shard(tmp_path: Path) -> Path:
 
 def test_answers_equal_reading_in_process(shard: Path) -> None:
     assert isolated.call(summarize, shard) == summarize(shard)
-    assert isolated.call(verify, shard) == verify(shard)
+    assert isolated.call(verify_reading, shard) == verified(shard)
 
 
 def test_a_shard_that_hangs_or_crashes_the_reader_is_one_shard_error(shard: Path) -> None:
@@ -43,7 +43,6 @@ def test_the_stall_limit_is_per_block_read_not_per_shard(shard: Path, monkeypatc
     monkeypatch.setattr(shard_module, "VERIFY_ROWS", 2)
     steps = list(verify_reading(shard))  # 3 rows: blocks of 2 and 1, for each row dataset
     assert steps == [2, 3] * (len(steps) // 2) and len(steps) >= 6
-    assert verify(shard) == isolated.call(verify_reading, shard)
 
 
 def test_errors_of_the_function_come_back_as_shard_errors(tmp_path: Path) -> None:

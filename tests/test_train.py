@@ -98,7 +98,7 @@ def test_sampled_audio_windows_overlap_their_frames(start: float) -> None:
     """Within the video's span [start, start + duration): frames and whole audio windows."""
     rng = np.random.default_rng(0)
     for duration in (1.0, 1.04, 2.5, 7.0, 60.0):
-        span = PairVideo(0, "v.mp4", start + duration, start)
+        span = PairVideo(0, "v.mp4", start + duration, start=start)
         moments = sample_moments(span, 2000, rng, clip_seconds=1.0)
         tf = np.array([m.frame_time for m in moments]) - start
         ta = np.array([m.audio_start for m in moments]) - start
@@ -157,7 +157,6 @@ def test_split_is_seeded_and_by_video() -> None:
 
 def test_split_holds_out_two_videos_from_few() -> None:
     """Validation pairs need two held-out videos: 5 videos split 3 + 2; 3 videos are too few."""
-    from avindex.errors import AvindexError
 
     videos = [PairVideo(i, f"v{i}.mp4", 5.0) for i in range(5)]
     train_set, val = split_videos(videos, 0.2, seed=3)
@@ -172,7 +171,6 @@ def test_moments_holdout_keeps_the_end_of_every_video_out_of_training() -> None:
     """--holdout moments: every video long enough trains on its first 80% and validates on the
     rest, no moment sampled for training reaches the cut; a video too short to give a 1 s clip
     to each side trains whole."""
-    from avindex.errors import AvindexError
 
     videos = [PairVideo(i, f"v{i}.mp4", d) for i, d in enumerate([10.0, 20.0, 6.0, 1.5])]
     train_set, val = split_moments(videos, 0.2, clip_seconds=1.0)
@@ -228,6 +226,22 @@ def test_decode_error_skips_only_that_video(corpus, tmp_path, caplog) -> None:
     assert stream.error is None and stream.bad == {1} and seen == {0, 2}
     skipped = [r.getMessage() for r in caplog.records if "skipped in training" in r.getMessage()]
     assert len(skipped) == 1 and skipped[0].startswith(f"{garbage}: skipped in training ("), skipped
+
+
+def test_videos_that_failed_before_the_fold_in_do_not_end_it_while_one_still_decodes():
+    """Videos marked bad in the main phase (another rank's shard, or gone from the list) do not
+    count against the videos the stream samples now: it ends only when all of those failed."""
+    p = _preset()
+    videos = [PairVideo(i, f"v{i}.mp4", 6.0) for i in range(3)]
+    stream = pairs.PairStream(
+        videos, p.audio, p.video, p.train.data, p.train.augment, preprocess=None, seed=(0,)
+    )
+    stream.bad = {1, 5, 7}  # 5 and 7 failed in the main phase and are not sampled now
+    visits = stream._visits()
+    assert {next(visits).key[1].index for _ in range(20)} == {0, 2}
+    stream.bad |= {0, 2}
+    with pytest.raises(AvindexError, match="every training video failed to decode"):
+        next(visits)
 
 
 def test_short_training_run_learns(trained) -> None:
@@ -338,6 +352,19 @@ def test_resuming_a_finished_run_does_not_fold_in_again(trained, corpus: Path, t
     assert result.step == MAIN_STEPS and not result.fold_in  # last.pt: the main phase
     assert (resumed / BEST).read_bytes() == before
     assert len(_records(resumed, "fold")) == folds
+
+
+def test_resuming_with_another_holdout_is_refused(trained, corpus: Path, tmp_path: Path):
+    """The best criterion so far was measured on the run's own split: another one on resume is a
+    one-line error before anything is read or written."""
+    run, _, _ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    before = {p.name: p.read_bytes() for p in resumed.iterdir()}
+    preset = _preset(max_steps=STEPS + 10, holdout="moments")
+    with pytest.raises(AvindexError, match="validated with --holdout videos; resume with that"):
+        train([corpus], resumed, preset, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in resumed.iterdir()} == before
 
 
 @pytest.mark.parametrize("name", [LAST, BEST, METRICS])
@@ -459,7 +486,6 @@ DDP_ENTRY = """
 import os, sys
 import torch
 from avindex.presets import SMALL
-from avindex.scan import find_media
 from avindex.train import Trainer
 
 corpus, out, dump = sys.argv[1:4]
