@@ -280,19 +280,27 @@ class EarlyStopping:
     """The best criterion so far and how long ago it rose (the same on every rank)."""
 
     value: float = -math.inf
+    loss: float = math.inf  # validation loss of the best model: breaks ties of the criterion
     step: int = -1  # step of the best model
     validated_at: int = -1  # step of the last validation
     improved_at: int = 0  # last step the criterion rose by at least min_delta
     lr_drops: int = 0  # learning-rate drops so far (OptimConfig.lr_drop)
     dropped_at: int = 0
 
-    def update(self, step: int, value: float, min_delta: float) -> bool:
-        """Record a validation; True when it is the best so far (best.pt follows it)."""
+    def update(self, step: int, value: float, loss: float, min_delta: float) -> bool:
+        """Record a validation; True when it is the best so far (best.pt follows it).
+
+        An equal criterion with a lower loss is better, and a loss lower by min_delta counts as
+        a rise: a criterion that saturates (every held-out pair told apart, as on a collection
+        of videos all unlike each other) would otherwise freeze best.pt at the first step that
+        reached it and stop the run there while the model still improves.
+        """
         self.validated_at = step
-        if value >= self.value + min_delta:
+        tie = value == self.value
+        if value >= self.value + min_delta or (tie and loss <= self.loss - min_delta):
             self.improved_at = step
-        if value > self.value:
-            self.value, self.step = value, step
+        if value > self.value or (tie and loss < self.loss):
+            self.value, self.loss, self.step = value, loss, step
             return True
         return False
 
@@ -700,16 +708,16 @@ class Trainer:
         """Validate on rank 0 and share the criterion; on a new best every rank keeps a copy of
         the model (the fold-in starts from it) and rank 0 writes best.pt."""
         state = self.state
-        value = math.nan
+        value = loss = math.nan
         if self.validation is not None:
             v = self.validation
             metrics = validation_metrics(
                 self.model, v.moments, v.labels, v.by, self.cfg.data.batch_size
             )
             state.last_val = {"step": state.step, **metrics}
-            value = metrics[CRITERION]
-        value = share_from_main(value, self.dist)
-        best = state.stopping.update(state.step, value, self.cfg.val.min_delta)
+            value, loss = metrics[CRITERION], metrics["val_loss"]
+        value, loss = share_from_main(value, self.dist), share_from_main(loss, self.dist)
+        best = state.stopping.update(state.step, value, loss, self.cfg.val.min_delta)
         dropped = state.stopping.drop_lr(state.step, self.cfg.optim.lr_drop_after)
         self.log.write({"kind": "val", **state.last_val, "best": best, "lr_dropped": dropped})
         if best:

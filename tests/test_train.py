@@ -644,11 +644,25 @@ def test_early_stopping_state() -> None:
     from avindex.train import EarlyStopping
 
     stop = EarlyStopping()
-    assert stop.update(10, 0.70, min_delta=0.01)
-    assert stop.update(20, 0.705, min_delta=0.01), "a new best, though too small to count"
+    assert stop.update(10, 0.70, 0.9, min_delta=0.01)
+    assert stop.update(20, 0.705, 0.9, min_delta=0.01), "a new best, though too small to count"
     assert (stop.step, stop.improved_at, stop.waited(30), stop.validated_at) == (20, 10, 20, 20)
-    assert not stop.update(30, 0.60, min_delta=0.01)
-    assert stop.update(40, 0.80, min_delta=0.01) and stop.waited(40) == 0
+    assert not stop.update(30, 0.60, 0.1, min_delta=0.01), "a lower loss alone is not better"
+    assert stop.update(40, 0.80, 0.9, min_delta=0.01) and stop.waited(40) == 0
+
+
+def test_a_saturated_criterion_is_decided_by_the_loss() -> None:
+    """Every held-out pair told apart (criterion 1.0) at several validations: the one with the
+    lowest loss is best, and a loss falling by min_delta keeps the run from stopping early."""
+    from avindex.train import EarlyStopping
+
+    stop = EarlyStopping()
+    assert stop.update(50, 1.0, 0.80, min_delta=0.01)
+    assert stop.update(100, 1.0, 0.70, min_delta=0.01) and stop.improved_at == 100
+    assert stop.update(150, 1.0, 0.695, min_delta=0.01), "lower: the better model"
+    assert stop.improved_at == 100, "too small a fall to count for patience"
+    assert not stop.update(200, 1.0, 0.75, min_delta=0.01) and stop.step == 150
+    assert not stop.update(250, 0.99, 0.10, min_delta=0.01) and stop.step == 150
 
 
 def test_checkpoint_with_the_flat_train_config_of_before_loads_and_resumes(
