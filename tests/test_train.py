@@ -294,6 +294,7 @@ def test_fold_in_trains_the_best_model_on_every_video(trained) -> None:
     assert [r["step"] for r in folds] == list(range(MAIN_STEPS + 1, STEPS + 1))
     assert result.fold_in == {
         "from_step": result.best["step"],
+        "held_out": "videos",
         "videos": 2,
         "steps": STEPS - MAIN_STEPS,
         "planned_steps": STEPS - MAIN_STEPS,
@@ -301,6 +302,7 @@ def test_fold_in_trains_the_best_model_on_every_video(trained) -> None:
     }
     best = load_checkpoint(run / BEST)
     assert best.step == STEPS and best.extra["fold_in"] == result.fold_in
+    assert "on every video, whole, the 2 held-out ones included" in result.summary()
     assert best.extra["best"]["step"] == result.best["step"]
     assert load_checkpoint(run / LAST).step == MAIN_STEPS
 
@@ -622,6 +624,7 @@ def test_moments_holdout_validates_every_video_and_folds_in_their_ends(
     assert [v["step"] for v in vals] == [5, 10, 11]
     assert all(v["val_videos"] == usable for v in vals)
     assert result.fold_in["videos"] == usable and result.fold_in["steps"] == 3
+    assert f"whole, the held-out ends of {usable} included" in result.summary()
     whole = pairs.usable_videos(find_media([corpus]), 1.0, workers=1)
     assert sorted((v.path, v.start, v.end) for v in folded) == sorted(
         (v.path, v.start, v.end) for v in whole
